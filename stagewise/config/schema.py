@@ -1,0 +1,158 @@
+"""The one typed schema behind recipes, CLI overrides and the docs.
+
+Every recipe key is a field below. `stagewise.config.loader` validates YAML and
+`--key.path=value` overrides against these dataclasses, and `docs/config.md` is
+generated from the same `help` strings, so the three never drift apart.
+
+Field metadata:
+  help     one sentence shown in `stagewise run --help-config` and the docs
+  gt/ge/le numeric bounds checked at load time
+  choices  allowed values for a string field
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+def opt(default, help: str, **checks):
+    """A schema field: default value, help text, optional validation bounds."""
+    meta = {"help": help, **checks}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    if isinstance(default, type):  # a nested section
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: Optional[int] = opt(
+        None, "Vocabulary size; null takes the tokenizer's size rounded up to pad_vocab_to.", gt=0)
+    pad_vocab_to: int = opt(64, "Round a tokenizer-derived vocab_size up to a multiple of this (GEMM-friendly).", gt=0)
+    d_model: int = opt(384, "Hidden (residual stream) width.", gt=0)
+    n_layers: int = opt(6, "Number of transformer blocks.", gt=0)
+    n_heads: int = opt(6, "Number of query heads.", gt=0)
+    n_kv_heads: Optional[int] = opt(
+        None, "Number of key/value heads (grouped-query attention); null means n_heads. Must divide n_heads.", gt=0)
+    head_dim: Optional[int] = opt(None, "Per-head width; null means d_model // n_heads.", gt=0)
+    ffn_dim: Optional[int] = opt(
+        None, "SwiGLU hidden width; null means 8/3 * d_model rounded up to a multiple of 64.", gt=0)
+    max_seq_len: int = opt(2048, "Longest sequence the RoPE tables cover (training and sampling).", gt=0)
+    rope_base: float = opt(10000.0, "RoPE base frequency theta.", gt=0)
+    norm_eps: float = opt(1e-5, "RMSNorm epsilon.", gt=0)
+    tie_embeddings: bool = opt(True, "Share the token embedding matrix with the output head.")
+    qk_norm: bool = opt(False, "RMSNorm on queries and keys per head before RoPE (as in Qwen3/OLMo2).")
+    init_std: float = opt(0.02, "Std of the normal init of embeddings and linear weights; "
+                          "output projections (attention wo, MLP w2) use init_std / sqrt(2 * n_layers).", gt=0)
+
+
+@dataclass
+class SourceConfig:
+    kind: str = opt("text", "Source type.", choices=["text", "jsonl", "parquet", "python-stdlib", "shakespeare"])
+    path: Optional[str] = opt(None, "File or directory (text, jsonl, parquet). Not used by built-in corpora.")
+    glob: Optional[str] = opt(None, "Filename pattern inside a directory, e.g. '*.md'; null takes every file of the kind.")
+    field: str = opt("text", "JSONL/Parquet field (column) holding the document text.")
+
+
+@dataclass
+class TokenizerConfig:
+    path: Optional[str] = opt(None, "An existing Hugging Face tokenizer.json to use; null trains a byte-level BPE.")
+    vocab_size: int = opt(8192, "Vocabulary size of a newly trained byte-level BPE (special tokens included).", ge=260)
+    train_bytes: int = opt(20_000_000, "At most this many bytes of the training split are used to train the BPE.", gt=0)
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = opt([], "Where the documents come from (a list of sources, all mixed by size).")
+    tokenizer: TokenizerConfig = opt(TokenizerConfig, "Tokenizer to train or load.")
+    prepared: Optional[str] = opt(
+        None, "A dataset directory written by `stagewise data prepare`; when set, sources/tokenizer are ignored.")
+    cache_dir: str = opt("data_cache", "Where prepared datasets are cached, keyed by a hash of sources and tokenizer.")
+    val_fraction: float = opt(0.02, "Fraction of documents held out for validation (split by document).", gt=0, le=0.5)
+    seq_len: int = opt(512, "Tokens per training sequence (the model predicts seq_len next tokens).", gt=0)
+
+
+@dataclass
+class OptimConfig:
+    name: str = opt("adamw", "Optimizer.", choices=["adamw"])
+    lr: float = opt(3e-3, "Peak learning rate.", gt=0)
+    weight_decay: float = opt(0.1, "Decoupled weight decay; applied to matrices only, never to norms or embeddings.", ge=0)
+    beta1: float = opt(0.9, "Adam beta1.", ge=0, lt=1)
+    beta2: float = opt(0.95, "Adam beta2.", ge=0, lt=1)
+    eps: float = opt(1e-8, "Adam epsilon.", gt=0)
+    implementation: str = opt(
+        "auto", "AdamW kernel: fused, foreach or for-loop; auto picks fused where the device supports it.",
+        choices=["auto", "fused", "foreach", "for-loop"])
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = opt("cosine", "LR schedule after warmup.", choices=["cosine", "linear", "wsd", "constant"])
+    warmup_steps: int = opt(100, "Linear warmup from 0 to the peak LR over this many steps.", ge=0)
+    min_lr_ratio: float = opt(0.1, "Final LR as a fraction of the peak (cosine, linear, wsd).", ge=0, le=1)
+    decay_fraction: float = opt(0.2, "WSD only: fraction of all steps spent in the final linear decay.", gt=0, le=1)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = opt(1000, "Optimizer steps to train.", gt=0)
+    batch_size: int = opt(16, "Sequences per micro-batch.", gt=0)
+    grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step.", gt=0)
+    grad_clip: float = opt(1.0, "Clip the global gradient norm to this value; 0 disables clipping.", ge=0)
+    objective: str = opt("causal-lm", "Training objective.", choices=["causal-lm"])
+    compile: bool = opt(False, "torch.compile the model (inductor).")
+
+
+@dataclass
+class PrecisionConfig:
+    mode: str = opt("bf16-mixed", "Numeric precision: fp32, or bf16-mixed (bf16 autocast compute, fp32 weights "
+                    "and optimizer states).", choices=["fp32", "bf16-mixed"])
+
+
+@dataclass
+class EvalConfig:
+    every: int = opt(100, "Evaluate validation loss every N steps (and at the end); 0 only at the end.", ge=0)
+    batches: int = opt(8, "Validation batches per evaluation (a fixed, deterministic subset).", gt=0)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = opt(100, "Save a full training checkpoint every N steps (and at the end); 0 only at the end.", ge=0)
+    keep_last: int = opt(3, "Keep only the newest N checkpoints.", gt=0)
+
+
+@dataclass
+class LogConfig:
+    progress: str = opt("auto", "Progress display: a live bar on a terminal, plain lines otherwise (auto), "
+                        "or force bar / plain / none.", choices=["auto", "bar", "plain", "none"])
+    every: int = opt(10, "Print a plain progress line every N steps (when not showing a bar).", gt=0)
+
+
+@dataclass
+class SampleConfig:
+    prompts: list[str] = opt([], "Prompts to sample from at the end of training (printed).")
+    max_new_tokens: int = opt(120, "Tokens generated per prompt.", gt=0)
+    temperature: float = opt(0.8, "Sampling temperature; 0 means greedy.", ge=0)
+    top_k: int = opt(50, "Keep only the k most likely tokens; 0 disables.", ge=0)
+    top_p: float = opt(1.0, "Nucleus sampling: keep the smallest set with this much probability.", gt=0, le=1)
+
+
+@dataclass
+class RunConfig:
+    name: str = opt("run", "Run name; the run directory is out_dir/name.")
+    out_dir: str = opt("runs", "Parent directory of run directories.")
+    seed: int = opt(1337, "Seed for model init, data order and sampling.", ge=0)
+    device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N.")
+    threads: int = opt(0, "torch intra-op threads; 0 keeps torch's default. Bitwise resume needs the same count.", ge=0)
+    model: ModelConfig = opt(ModelConfig, "Model architecture.")
+    data: DataConfig = opt(DataConfig, "Training and validation data.")
+    train: TrainConfig = opt(TrainConfig, "Training loop.")
+    optim: OptimConfig = opt(OptimConfig, "Optimizer.")
+    schedule: ScheduleConfig = opt(ScheduleConfig, "Learning-rate schedule.")
+    precision: PrecisionConfig = opt(PrecisionConfig, "Numeric precision.")
+    eval: EvalConfig = opt(EvalConfig, "Validation during training.")
+    checkpoint: CheckpointConfig = opt(CheckpointConfig, "Checkpointing.")
+    log: LogConfig = opt(LogConfig, "Progress display.")
+    sample: SampleConfig = opt(SampleConfig, "Samples printed at the end of training.")
