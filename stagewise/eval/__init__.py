@@ -1,0 +1,3 @@
+from stagewise.eval.evaluate import evaluate
+
+__all__ = ["evaluate"]

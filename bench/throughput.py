@@ -1,0 +1,158 @@
+"""Training throughput: stagewise vs transformers' LlamaForCausalLM, same architecture, same machine.
+
+Both train the same Llama configuration with AdamW under bf16 autocast (or fp32 with
+--precision fp32) on random tokens. Timed rounds alternate between the two in one
+process, so machine noise hits both alike; peak memory is measured in a separate child
+process per framework (peak RSS cannot be attributed inside one process).
+
+    python bench/throughput.py                     # the reference configuration
+    python bench/throughput.py --d-model 768 --layers 12 --heads 12 --ffn 2048 --seq 1024 --batch 4
+
+The last line is `stagewise/transformers tokens_per_s ratio: X.XX`. Results are appended
+to bench/results/throughput.jsonl with the machine description and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from stagewise.config.schema import ModelConfig, OptimConfig, PrecisionConfig
+from stagewise.interop.hf_llama import to_hf_llama_config
+from stagewise.model import Transformer
+from stagewise.model.flops import flops_per_token
+from stagewise.objectives import Batch, causal_lm_loss
+from stagewise.optim import build_optimizer
+from stagewise.precision import build_precision
+from stagewise.train.metrics import _device_name, peak_flops, peak_memory_bytes
+from stagewise.train.step import train_step
+
+RESULTS = Path(__file__).parent / "results" / "throughput.jsonl"
+
+
+def model_config(a) -> ModelConfig:
+    return ModelConfig(vocab_size=a.vocab, d_model=a.d_model, n_layers=a.layers, n_heads=a.heads,
+                       ffn_dim=a.ffn, tie_embeddings=True, max_seq_len=max(2048, a.seq))
+
+
+def build(framework: str, a):
+    """(step function, model) for one framework; the step trains on one random batch."""
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    cfg = model_config(a)
+    precision = build_precision(PrecisionConfig(mode=a.precision), device)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=g)
+    if framework == "stagewise":
+        model = Transformer(cfg)
+        opt = build_optimizer(OptimConfig(lr=1e-4), model, device)
+        batch = Batch(tokens[:, :-1], tokens[:, 1:])
+
+        def step():
+            return train_step(model, opt, precision, causal_lm_loss, [batch], lr=1e-4, grad_clip=1.0).loss
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        hf_cfg = LlamaConfig(**{k: v for k, v in to_hf_llama_config(cfg).items()
+                                if k not in ("architectures", "model_type", "torch_dtype")})
+        model = LlamaForCausalLM._from_config(hf_cfg, attn_implementation="sdpa")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        inputs = tokens[:, :-1]
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with precision.autocast():
+                loss = model(input_ids=inputs, labels=inputs).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            return float(loss)
+    model.train()
+    return step, cfg
+
+
+def memory_child(framework: str, a) -> int:
+    """Run a few steps in a fresh process and return its peak RSS in bytes."""
+    cmd = [sys.executable, __file__, "--child", framework] + _argv_of(a)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return int(out.strip().splitlines()[-1])
+
+
+def _argv_of(a) -> list[str]:
+    return [f"--vocab={a.vocab}", f"--d-model={a.d_model}", f"--layers={a.layers}", f"--heads={a.heads}",
+            f"--ffn={a.ffn}", f"--seq={a.seq}", f"--batch={a.batch}", f"--precision={a.precision}"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--d-model", type=int, default=384)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--ffn", type=int, default=1024)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--precision", default="bf16-mixed", choices=["bf16-mixed", "fp32"])
+    p.add_argument("--rounds", type=int, default=4, help="alternating timed rounds per framework")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+
+    if a.child:
+        step, _ = build(a.child, a)
+        for _ in range(3):
+            step()
+        print(peak_memory_bytes(torch.device("cpu")))
+        return
+
+    frameworks = ["stagewise", "transformers"]
+    steps = {}
+    for fw in frameworks:
+        steps[fw], cfg = build(fw, a)
+        steps[fw]()  # warm-up: allocator, thread pool, autocast caches
+        steps[fw]()
+    tok_per_step = a.batch * a.seq
+    rates = {fw: [] for fw in frameworks}
+    for r in range(a.rounds):
+        for fw in (frameworks if r % 2 == 0 else frameworks[::-1]):
+            t0 = time.perf_counter()
+            for _ in range(a.steps):
+                steps[fw]()
+            rates[fw].append(tok_per_step * a.steps / (time.perf_counter() - t0))
+    dtype = torch.bfloat16 if a.precision == "bf16-mixed" else torch.float32
+    peak = peak_flops(torch.device("cpu"), dtype)
+    fpt = flops_per_token(cfg, a.seq)
+    mem = {fw: memory_child(fw, a) for fw in frameworks}
+    result = {"date": datetime.date.today().isoformat(), "machine": _device_name(torch.device("cpu")),
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+              "config": vars(a) | {"child": None}, "peak_flops": peak, "flops_per_token": fpt}
+    print(f"config: vocab {a.vocab}, d_model {a.d_model}, {a.layers} layers, {a.heads} heads, ffn {a.ffn}, "
+          f"batch {a.batch} x {a.seq}, {a.precision}; peak GEMM {peak / 1e9:.0f} GFLOP/s "
+          f"({torch.get_num_threads()} threads)")
+    for fw in frameworks:
+        tps = statistics.median(rates[fw])
+        result[fw] = {"tokens_per_s": tps, "mfu": fpt * tps / peak, "peak_rss_bytes": mem[fw],
+                      "rounds": rates[fw]}
+        print(f"{fw:>13}: {tps:8,.0f} tokens/s  MFU {100 * fpt * tps / peak:5.1f}%  "
+              f"peak RSS {mem[fw] / 2**30:.2f} GiB")
+    ratio = result["stagewise"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
+    result["ratio_tokens_per_s"] = ratio
+    result["ratio_peak_rss"] = mem["stagewise"] / mem["transformers"]
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with RESULTS.open("a") as f:
+        f.write(json.dumps(result) + "\n")
+    print(f"stagewise/transformers peak RSS ratio: {result['ratio_peak_rss']:.2f}")
+    print(f"stagewise/transformers tokens_per_s ratio: {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()

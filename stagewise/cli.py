@@ -1,0 +1,135 @@
+"""The `stagewise` command line: a thin layer over the components.
+
+Every user-caused error surfaces as one line `error: ...` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+
+from stagewise.errors import StagewiseError
+
+OVERRIDES_HELP = ("Override any recipe key with --section.key=value (YAML value syntax), e.g. "
+                  "--train.steps=200 --optim.lr=1e-3 --data.sources='[{kind: shakespeare}]'.")
+
+
+def _config_epilog() -> str:
+    from stagewise.config.loader import describe
+
+    lines = ["recipe keys (set in the YAML or as --key=value overrides):"]
+    for path, tp, default, help_text in describe():
+        lines.append(f"  {path} ({tp}, default {default})")
+        lines += textwrap.wrap(help_text, 90, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="stagewise", description="Train language models through every stage of "
+                                "their life, at any precision, resumable bit for bit.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="train from a recipe (creates a run directory)", formatter_class=fmt,
+                       description="Train from a YAML recipe. Creates out_dir/name (or name-2, -3 ... if taken) "
+                       "holding the resolved config, metrics.jsonl, checkpoints and the final exported model. "
+                       "Ctrl-C or SIGTERM saves a checkpoint before exiting. " + OVERRIDES_HELP,
+                       epilog=_config_epilog())
+    r.add_argument("recipe", help="path to a recipe YAML (see recipes/)")
+
+    s = sub.add_parser("resume", help="continue a stopped or killed run",
+                       description="Continue RUN_DIR from its newest complete checkpoint with the config saved "
+                       "in it. On the same machine and thread count the result is bitwise identical to a run "
+                       "that was never interrupted.")
+    s.add_argument("run_dir", help="a run directory created by `stagewise run`")
+
+    pl = sub.add_parser("plan", help="print config, size, FLOPs and predicted memory without training",
+                        formatter_class=fmt, epilog=_config_epilog(),
+                        description="Resolve a recipe and print: the resolved config, parameter counts, "
+                        "FLOPs per token (6*N_matmul + 12*L*H*Dh*T, PaLM appendix B), tokens per step, and a "
+                        "predicted peak memory split into weights, gradients, optimizer states, activations "
+                        "and logits. Nothing is trained or written. " + OVERRIDES_HELP)
+    pl.add_argument("recipe", help="path to a recipe YAML")
+
+    sm = sub.add_parser("sample", help="generate text from a checkpoint",
+                        description="Generate from a run directory (newest checkpoint), a checkpoint "
+                        "directory or an exported model directory, with a KV cache.")
+    sm.add_argument("ckpt", help="run directory, checkpoint directory or exported model directory")
+    sm.add_argument("--prompt", required=True, help="text to continue")
+    sm.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
+    sm.add_argument("--temperature", type=float, default=0.8,
+                    help="softmax temperature; 0 gives greedy decoding (default 0.8)")
+    sm.add_argument("--greedy", action="store_true", help="greedy decoding (same as --temperature 0)")
+    sm.add_argument("--top-k", type=int, default=50, help="sample only among the k most likely tokens; 0 = off")
+    sm.add_argument("--top-p", type=float, default=1.0,
+                    help="nucleus sampling: smallest token set with this total probability (default 1.0 = off)")
+    sm.add_argument("--num-samples", type=int, default=1, help="independent samples to draw (default 1)")
+    sm.add_argument("--seed", type=int, default=0, help="sampling seed; same seed, same text (default 0)")
+    sm.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+
+    ev = sub.add_parser("eval", help="loss and perplexity of a checkpoint on a data set",
+                        description="Mean next-token cross-entropy (nats/token) and perplexity = exp(loss).")
+    ev.add_argument("ckpt", help="run directory, checkpoint directory or exported model directory")
+    ev.add_argument("--data", default=None,
+                    help="what to evaluate on: a prepared dataset directory (uses --split), a built-in corpus "
+                    "(python-stdlib, shakespeare), or a text/JSONL/Parquet file or directory, tokenized with the "
+                    "model's tokenizer. Default: the run's own validation split.")
+    ev.add_argument("--split", choices=["val", "train"], default="val",
+                    help="split of a prepared dataset (default val)")
+    ev.add_argument("--field", default="text", help="JSONL/Parquet text field (default text)")
+    ev.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's data.seq_len, "
+                    "else 512)")
+    ev.add_argument("--batch-size", type=int, default=8, help="windows per batch (default 8)")
+    ev.add_argument("--max-tokens", type=int, default=262144,
+                    help="evaluate at most this many target tokens, from evenly spaced windows (default 262144)")
+    ev.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+
+    ex = sub.add_parser("export", help="write model.safetensors + config.json + tokenizer.json",
+                        description="Export a checkpoint's model weights as safetensors with its config and "
+                        "tokenizer (no optimizer state).")
+    ex.add_argument("ckpt", help="run directory or checkpoint directory")
+    ex.add_argument("out", help="output directory (must not exist)")
+
+    d = sub.add_parser("data", help="data preparation")
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    dp = dsub.add_parser("prepare", help="train a tokenizer and tokenize a corpus into shards",
+                         description="Train a byte-level BPE (or load --tokenizer) and tokenize documents into "
+                         "memory-mapped train/val token files with a manifest. Use the result as "
+                         "data.prepared in a recipe. Either give a recipe (its data section is used) or "
+                         "--source options.")
+    dp.add_argument("recipe", nargs="?", help="take the data section of this recipe")
+    dp.add_argument("--source", action="append", default=[], metavar="KIND[:PATH]",
+                    help="a source, repeatable: python-stdlib, shakespeare, text:PATH, jsonl:PATH, parquet:PATH")
+    dp.add_argument("--field", default="text", help="JSONL/Parquet text field (default text)")
+    dp.add_argument("--tokenizer", default=None, help="use this existing tokenizer.json instead of training one")
+    dp.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size to train (default 8192)")
+    dp.add_argument("--val-fraction", type=float, default=None,
+                    help="fraction of documents held out for validation (default 0.02)")
+    dp.add_argument("--out", required=True, help="output dataset directory (must not exist)")
+
+    sub.add_parser("docs-config", help="print the recipe reference (Markdown) generated from the schema")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in ("run", "plan"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        from stagewise import commands
+
+        return getattr(commands, "cmd_" + args.command.replace("-", "_"))(args, extra) or 0
+    except StagewiseError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""What each `stagewise` subcommand does (argument parsing lives in cli.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import sys
+from pathlib import Path
+
+from stagewise.errors import ConfigError, DataError
+
+
+def _overrides(extra: list[str]) -> list[str]:
+    for item in extra:
+        if not re.match(r"--[A-Za-z_][\w.\[\]]*=", item):
+            raise ConfigError(f"argument {item!r}: expected a recipe override --section.key=value")
+    return extra
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def cmd_run(args, extra) -> int:
+    from stagewise.config.loader import load_recipe
+
+    cfg = load_recipe(args.recipe, _overrides(extra))
+    from stagewise.train.trainer import train  # after validation: a bad recipe fails fast
+
+    train(cfg, log=_log)
+    return 0
+
+
+def cmd_resume(args, extra) -> int:
+    from stagewise.train.trainer import resume
+
+    resume(args.run_dir, log=_log)
+    return 0
+
+
+def _plan_vocab(cfg) -> tuple[int, str]:
+    import json
+
+    from stagewise.data import Tokenizer
+
+    if cfg.data.prepared:
+        manifest = Path(cfg.data.prepared) / "manifest.json"
+        if not manifest.is_file():
+            raise DataError(f"data.prepared: {cfg.data.prepared} has no manifest.json (run stagewise data prepare)")
+        return json.loads(manifest.read_text())["vocab_size"], "prepared dataset"
+    if cfg.data.tokenizer.path:
+        return Tokenizer.load(cfg.data.tokenizer.path).vocab_size, "tokenizer file"
+    return cfg.data.tokenizer.vocab_size, "BPE to be trained (at most)"
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:8.3f} GiB"
+
+
+def cmd_plan(args, extra) -> int:
+    from stagewise.config.loader import dump_yaml, load_recipe
+    from stagewise.model import estimate_memory, flops_per_token, param_counts
+    from stagewise.precision.base import _MODES
+    from stagewise.train.trainer import resolve_model_config
+
+    cfg = load_recipe(args.recipe, _overrides(extra))
+    vocab, vocab_from = _plan_vocab(cfg)
+    mcfg = resolve_model_config(cfg.model, vocab)
+    prec = _MODES[cfg.precision.mode]
+    B, T, A = cfg.train.batch_size, cfg.data.seq_len, cfg.train.grad_accum
+    counts = param_counts(mcfg)
+    fpt = flops_per_token(mcfg, T)
+    mem = estimate_memory(mcfg, B, T, param_bytes=prec.param_bytes, grad_bytes=prec.grad_bytes,
+                          optim_bytes_per_param=prec.optim_state_bytes,
+                          act_bytes=prec.compute_dtype.itemsize)
+    tokens_per_step = B * T * A
+    print("# resolved config")
+    print(dump_yaml(cfg).rstrip())
+    print(f"\n# model (vocab {mcfg.vocab_size}: {vocab_from} {vocab}, padded to a multiple of {mcfg.pad_vocab_to})")
+    print(f"parameters:          {counts['total']:>14,}")
+    print(f"  embedding:         {counts['embedding']:>14,}")
+    print(f"  non-embedding:     {counts['non_embedding']:>14,}")
+    print(f"  in matmuls (N):    {counts['matmul']:>14,}  (output head counted even when tied)")
+    print(f"FLOPs per token:     {fpt:>14,}  (6*N + 12*layers*heads*head_dim*seq_len)")
+    print(f"tokens per step:     {tokens_per_step:>14,}  (batch {B} x seq {T} x accum {A})")
+    total_tokens = tokens_per_step * cfg.train.steps
+    print(f"tokens in run:       {total_tokens:>14,}  ({cfg.train.steps} steps; "
+          f"{total_tokens / max(counts['total'], 1):.1f} tokens/param)")
+    print(f"FLOPs in run:        {fpt * total_tokens:>14.3e}")
+    print(f"\n# predicted peak memory ({cfg.precision.mode}, one micro-batch of {B} x {T})")
+    for key in ("params", "grads", "optimizer", "activations", "logits"):
+        print(f"  {key:<12}{_gib(mem[key])}")
+    print(f"  {'total':<12}{_gib(mem['total'])}")
+    return 0
+
+
+def _device(name: str):
+    from stagewise.train.trainer import pick_device
+
+    return pick_device(name)
+
+
+def cmd_sample(args, extra) -> int:
+    import torch
+
+    from stagewise.generate import generate
+    from stagewise.rundir import load_model
+
+    if args.max_new_tokens <= 0:
+        raise ConfigError(f"--max-new-tokens: expected an integer > 0, got {args.max_new_tokens}")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p: expected a float in (0, 1], got {args.top_p}")
+    if args.temperature < 0 or args.top_k < 0:
+        raise ConfigError("--temperature and --top-k: expected values >= 0")
+    device = _device(args.device)
+    model, tok, _ = load_model(args.ckpt, device)
+    temperature = 0.0 if args.greedy else args.temperature
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    prompt_ids = tok.encode(args.prompt)
+    for i in range(args.num_samples):
+        ids = generate(model, prompt_ids, args.max_new_tokens, temperature=temperature, top_k=args.top_k,
+                       top_p=args.top_p, eos_id=tok.eos_id, generator=gen)
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(args.prompt + tok.decode(ids), flush=True)
+    return 0
+
+
+def _eval_tokens(args, tok, run_meta_dir: Path):
+    """The token stream to evaluate on, per --data."""
+    import numpy as np
+
+    from stagewise.config.schema import SourceConfig
+    from stagewise.data import iter_documents, open_dataset
+
+    spec = args.data
+    if spec is None:
+        info = run_meta_dir / "run_info.json"
+        if not info.is_file():
+            raise ConfigError("--data: required for an exported model (no run directory to take validation data from)")
+        import json
+
+        spec = json.loads(info.read_text())["dataset"]
+    p = Path(spec)
+    if (p / "manifest.json").is_file():
+        ds = open_dataset(p, expect_tokenizer_sha=tok.sha256)
+        return (ds.val if args.split == "val" else ds.train), f"{p} ({args.split} split)"
+    if spec in ("python-stdlib", "shakespeare"):
+        src = SourceConfig(kind=spec)
+    elif not p.exists():
+        raise DataError(f"--data: {spec} is not a prepared dataset, a built-in corpus (python-stdlib, "
+                        "shakespeare) or an existing file/directory")
+    else:
+        kind = "jsonl" if p.suffix == ".jsonl" else "parquet" if p.suffix == ".parquet" else "text"
+        if p.is_dir() and any(p.rglob("*.jsonl")):
+            kind = "jsonl"
+        elif p.is_dir() and any(p.rglob("*.parquet")):
+            kind = "parquet"
+        src = SourceConfig(kind=kind, path=str(p), field=args.field)
+    ids: list[int] = []
+    for doc in iter_documents(src, "--data"):
+        ids.extend(tok.encode(doc.text))
+        ids.append(tok.eos_id)
+        if len(ids) > 4 * args.max_tokens:  # enough to pick evenly spaced windows from
+            break
+    return np.asarray(ids, dtype=np.int64), spec
+
+
+def cmd_eval(args, extra) -> int:
+    import yaml
+
+    from stagewise.data import eval_batches
+    from stagewise.eval import evaluate
+    from stagewise.objectives import Batch
+    from stagewise.rundir import CONFIG, load_model, resolve_model_source
+
+    device = _device(args.device)
+    _, _, meta_dir = resolve_model_source(args.ckpt)
+    model, tok, mcfg = load_model(args.ckpt, device)
+    seq_len = args.seq_len
+    if seq_len is None:
+        cfg_file = meta_dir / CONFIG
+        seq_len = yaml.safe_load(cfg_file.read_text())["data"]["seq_len"] if cfg_file.is_file() else 512
+    seq_len = min(seq_len, mcfg.max_seq_len)
+    tokens, what = _eval_tokens(args, tok, meta_dir)
+    n_batches = max(1, math.ceil(min(args.max_tokens, len(tokens)) / (args.batch_size * seq_len)))
+    batches = [Batch(x, y) for x, y in eval_batches(tokens, seq_len, args.batch_size, n_batches)]
+    res = evaluate(model, batches, device=device)
+    print(f"data: {what}\ntokens: {res['tokens']:,}\nloss: {res['loss']:.4f} nats/token\n"
+          f"perplexity: {res['perplexity']:.3f}")
+    return 0
+
+
+def cmd_export(args, extra) -> int:
+    from stagewise.checkpoint import export_safetensors
+    from stagewise.rundir import TOKENIZER, load_model, resolve_model_source
+
+    import torch
+
+    out = Path(args.out)
+    if out.exists():
+        raise ConfigError(f"{out}: already exists; choose a new output directory")
+    _, _, meta_dir = resolve_model_source(args.ckpt)
+    model, _, mcfg = load_model(args.ckpt, torch.device("cpu"))
+    export_safetensors(model, {"format": "stagewise", "stagewise_model": dataclasses.asdict(mcfg)}, out,
+                       extra_files={TOKENIZER: meta_dir / TOKENIZER})
+    print(f"exported {out}")
+    return 0
+
+
+def _parse_source(text: str, field: str):
+    from stagewise.config.schema import SourceConfig
+
+    kind, _, path = text.partition(":")
+    valid = ("python-stdlib", "shakespeare", "text", "jsonl", "parquet")
+    if kind not in valid:
+        raise ConfigError(f"--source {text!r}: expected one of python-stdlib, shakespeare, text:PATH, "
+                          "jsonl:PATH, parquet:PATH")
+    if kind in ("text", "jsonl", "parquet") and not path:
+        raise ConfigError(f"--source {text!r}: {kind} needs a path, e.g. {kind}:/data/corpus")
+    return SourceConfig(kind=kind, path=path or None, field=field)
+
+
+def cmd_data(args, extra) -> int:
+    from stagewise.config.loader import check_consistency, load_recipe
+    from stagewise.config.schema import DataConfig, RunConfig
+    from stagewise.data import prepare_dataset
+
+    if args.recipe and args.source:
+        raise ConfigError("data prepare: give either a recipe or --source options, not both")
+    if args.recipe:
+        data = load_recipe(args.recipe).data
+    elif args.source:
+        data = DataConfig(sources=[_parse_source(s, args.field) for s in args.source])
+    else:
+        raise ConfigError("data prepare: expected a recipe or at least one --source (e.g. --source python-stdlib)")
+    if args.tokenizer:
+        data.tokenizer.path = args.tokenizer
+    if args.vocab_size is not None:
+        data.tokenizer.vocab_size = args.vocab_size
+    if args.val_fraction is not None:
+        data.val_fraction = args.val_fraction
+    from stagewise.config.loader import from_dict
+
+    data = from_dict(DataConfig, dataclasses.asdict(data), "data")  # re-validate the edited values
+    check_consistency(RunConfig(data=data))
+    out = Path(args.out)
+    if out.exists():
+        raise ConfigError(f"--out {out}: already exists; choose a new directory")
+    prepare_dataset(data, out, log=_log)
+    print(f"prepared {out}  (use it with --data.prepared={out})")
+    return 0
+
+
+def cmd_docs_config(args, extra) -> int:
+    from stagewise.config.loader import config_reference_markdown
+
+    sys.stdout.write(config_reference_markdown())
+    return 0

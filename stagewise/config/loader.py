@@ -1,0 +1,291 @@
+"""Load and validate recipes against the schema.
+
+A recipe is YAML read with `yaml.safe_load` (no tags, no Python objects, nothing
+executed), layered with `--key.path=value` overrides, then checked field by field
+against the dataclasses in `schema.py`. Any problem raises ConfigError with one line:
+the dotted field path, what is valid, and what was given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin
+
+import yaml
+
+from stagewise.config.schema import RunConfig
+from stagewise.errors import ConfigError
+
+_MISSING = object()
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML recipe, apply CLI overrides, validate, and return a RunConfig."""
+    data = read_yaml(path)
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_path(data, key, value)
+    return from_dict(RunConfig, data)
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"recipe {path}{where}: invalid YAML ({problem})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"recipe {path}: not UTF-8 text") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path}: expected a mapping of sections at the top level, got {_kind(data)}")
+    return data
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`--train.lr=3e-4` or `train.lr=3e-4` -> ("train.lr", 3e-4). Values are YAML scalars/flow."""
+    text = item[2:] if item.startswith("--") else item
+    key, sep, raw = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*|\[\d+\])*", key):
+        raise ConfigError(f"override {item!r}: expected --section.key=value, e.g. --train.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # a plain string that happens not to be YAML; the field check decides
+    return key, value
+
+
+def _set_path(data: dict, key: str, value: Any) -> None:
+    parts = re.findall(r"[A-Za-z_]\w*|\[\d+\]", key)
+    node = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = _join(parts[: i + 1])
+        if part.startswith("["):
+            idx = int(part[1:-1])
+            if not isinstance(node, list) or idx >= len(node):
+                raise ConfigError(f"{where}: no such list element to override")
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: cannot set a key inside a {_kind(node)}")
+        if last:
+            node[part] = value
+        else:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {} if not parts[i + 1].startswith("[") else []
+            node = nxt
+
+
+def _join(parts: list[str]) -> str:
+    out = ""
+    for p in parts:
+        out += p if p.startswith("[") or not out else "." + p
+    return out
+
+
+def from_dict(cls, data: Any, path: str = ""):
+    """Build dataclass `cls` from plain data, validating every field."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'recipe'}: expected a mapping, got {_kind(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(f"{where}: unknown key; valid keys here: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        where = f"{path}.{name}" if path else name
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], where, f.metadata)
+    obj = cls(**kwargs)
+    if cls is RunConfig:
+        check_consistency(obj)
+    return obj
+
+
+def _convert(tp, value, where: str, meta) -> Any:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, where, meta)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {_show(value)}")
+        return [_convert(item_tp, v, f"{where}[{i}]", {}) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {_show(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+                value = int(value)  # 1e6 written in YAML arrives as a float
+            else:
+                raise ConfigError(f"{where}: expected {_expect('an integer', meta)}, got {_show(value)}")
+        _check_bounds(value, where, meta, "an integer")
+        return value
+    if tp is float:
+        v = value
+        if isinstance(v, str):  # PyYAML reads 3e-4 (no dot) as a string
+            try:
+                v = float(v)
+            except ValueError:
+                v = None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ConfigError(f"{where}: expected {_expect('a float', meta)}, got {_show(value)}")
+        _check_bounds(float(v), where, meta, "a float")
+        return float(v)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {_show(value)}")
+        choices = meta.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{where}: expected one of {', '.join(choices)}, got {_show(value)}")
+        return value
+    raise AssertionError(f"schema type {tp!r} at {where} is not supported by the loader")
+
+
+_BOUNDS = (("gt", ">", lambda v, b: v > b), ("ge", ">=", lambda v, b: v >= b),
+           ("lt", "<", lambda v, b: v < b), ("le", "<=", lambda v, b: v <= b))
+
+
+def _expect(noun: str, meta) -> str:
+    conds = [f"{sym} {meta[k]:g}" for k, sym, _ in _BOUNDS if k in meta]
+    return f"{noun} {' and '.join(conds)}" if conds else noun
+
+
+def _check_bounds(v, where, meta, noun):
+    for key, _sym, ok in _BOUNDS:
+        if key in meta and not ok(v, meta[key]):
+            raise ConfigError(f"{where}: expected {_expect(noun, meta)}, got {_show(v)}")
+
+
+def _kind(v) -> str:
+    return {dict: "mapping", list: "list", str: "string"}.get(type(v), type(v).__name__)
+
+
+def _show(v) -> str:
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (dict, list)):
+        return f"a {_kind(v)}"
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return repr(v)
+
+
+def check_consistency(cfg: RunConfig) -> None:
+    """Cross-field rules that no single field can state."""
+    m = cfg.model
+    if m.n_kv_heads is not None and m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"model.n_kv_heads: expected a divisor of n_heads={m.n_heads}, got {m.n_kv_heads}")
+    if m.head_dim is None and m.d_model % m.n_heads:
+        raise ConfigError(f"model.n_heads: expected a divisor of d_model={m.d_model} (or set model.head_dim), "
+                          f"got {m.n_heads}")
+    head_dim = m.head_dim or m.d_model // m.n_heads
+    if head_dim % 2:
+        raise ConfigError(f"model.head_dim: expected an even number (RoPE rotates pairs), got {head_dim}")
+    if cfg.data.seq_len > m.max_seq_len:
+        raise ConfigError(f"data.seq_len: expected <= model.max_seq_len={m.max_seq_len}, got {cfg.data.seq_len}")
+    if not cfg.data.sources and not cfg.data.prepared:
+        raise ConfigError("data.sources: expected at least one source (or set data.prepared to a prepared dataset)")
+    for i, src in enumerate(cfg.data.sources):
+        if src.kind in ("text", "jsonl", "parquet") and not src.path:
+            raise ConfigError(f"data.sources[{i}].path: required for kind {src.kind}")
+    if cfg.schedule.warmup_steps > cfg.train.steps:
+        raise ConfigError(f"schedule.warmup_steps: expected <= train.steps={cfg.train.steps}, "
+                          f"got {cfg.schedule.warmup_steps}")
+    if cfg.model.vocab_size is not None and cfg.data.tokenizer.path is None and not cfg.data.prepared \
+            and cfg.model.vocab_size < cfg.data.tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size: expected >= data.tokenizer.vocab_size="
+                          f"{cfg.data.tokenizer.vocab_size} (or null), got {cfg.model.vocab_size}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {_show(cfg.device)}")
+    if not re.fullmatch(r"[\w.\-]+", cfg.name):
+        raise ConfigError(f"name: expected letters, digits, '.', '_' or '-', got {_show(cfg.name)}")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def describe(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(path, type, default, help) for every leaf field: the source of `--help-config` and docs/config.md."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, path)
+            continue
+        item = _list_item(tp)
+        if item is not None and dataclasses.is_dataclass(item):
+            rows.append((path, "list", "[]", f.metadata.get("help", "")))
+            rows += describe(item, f"{path}[]")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata.get("help", "")
+        if f.metadata.get("choices"):
+            help_text += f" One of: {', '.join(f.metadata['choices'])}."
+        bounds = _expect("", f.metadata).strip()
+        if bounds:
+            help_text += f" Must be {bounds}."
+        rows.append((path, _type_name(tp), json.dumps(default), help_text))
+    return rows
+
+
+def _list_item(tp):
+    if get_origin(tp) in (Union, types.UnionType):
+        tp = [a for a in get_args(tp) if a is not type(None)][0]
+    return get_args(tp)[0] if get_origin(tp) is list else None
+
+
+def _type_name(tp) -> str:
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        return _type_name(args[0]) + "|null"
+    if get_origin(tp) is list:
+        return f"list[{_type_name(get_args(tp)[0])}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def config_reference_markdown() -> str:
+    lines = ["# Recipe reference", "",
+             "Generated from `stagewise/config/schema.py` by `stagewise docs-config`; "
+             "every key can also be set on the command line as `--key.path=value`.", "",
+             "| key | type | default | meaning |", "|---|---|---|---|"]
+    for path, tp, default, help_text in describe():
+        lines.append(f"| `{path}` | {tp} | `{default}` | {help_text} |")
+    return "\n".join(lines) + "\n"

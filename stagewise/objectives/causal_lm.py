@@ -1,0 +1,41 @@
+"""Next-token prediction, the objective of pre-training and continual pre-training.
+
+Objectives return the *sum* of per-token losses and the number of target tokens, never a
+mean: the step function divides by the token count of the whole accumulated batch, so a
+step's gradient is the same whether it comes in one micro-batch or many, even when
+micro-batches hold different numbers of targets (masked SFT prompts, packed documents).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+class Batch(NamedTuple):
+    inputs: torch.Tensor   # [B, T] token ids
+    targets: torch.Tensor  # [B, T] next-token ids, IGNORE_INDEX where no loss is taken
+
+
+class ObjectiveOutput(NamedTuple):
+    loss_sum: torch.Tensor  # scalar, fp32, summed over counted targets
+    num_targets: int
+
+
+def num_targets(batch: Batch) -> int:
+    return int((batch.targets != IGNORE_INDEX).sum())
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: Batch) -> ObjectiveOutput:
+    logits = model(batch.inputs)
+    # Cross-entropy in fp32: bf16 log-softmax over a large vocabulary loses ~2 decimal digits.
+    loss_sum = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+    return ObjectiveOutput(loss_sum, num_targets(batch))
+
+
+OBJECTIVES = {"causal-lm": causal_lm_loss}

@@ -1,0 +1,104 @@
+"""The run directory: what a run writes, and how a model is found again from a path.
+
+    RUN_DIR/
+      config.yaml          the fully resolved recipe (what `stagewise resume` re-reads)
+      model_config.json    the resolved model architecture (vocab size filled in)
+      tokenizer.json       the tokenizer the data was encoded with
+      run_info.json        torch version, device, thread count, dataset used
+      metrics.jsonl        one line per optimizer step
+      checkpoints/step_NNNNNNNN/   full training state (DCP + train_state.json)
+      final/               model.safetensors + config.json + tokenizer.json at the end
+
+`stagewise sample/eval` accept a run directory (its newest checkpoint), a checkpoint
+directory, or an exported directory (model.safetensors + config.json).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from stagewise.config.loader import from_dict
+from stagewise.config.schema import ModelConfig
+from stagewise.errors import CheckpointError
+
+CONFIG = "config.yaml"
+MODEL_CONFIG = "model_config.json"
+TOKENIZER = "tokenizer.json"
+METRICS = "metrics.jsonl"
+RUN_INFO = "run_info.json"
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+
+
+def new_run_dir(out_dir: str, name: str) -> Path:
+    """out_dir/name, or out_dir/name-2, -3 ... if taken: a new run never overwrites an old one."""
+    base = Path(out_dir) / name
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{name}-{n}")
+    return path
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def resolve_model_source(path: str | Path) -> tuple[str, Path, Path]:
+    """Classify `path` -> (kind, weights_path, dir holding model_config/config.json and tokenizer.json)."""
+    from stagewise.checkpoint import latest_checkpoint
+
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such checkpoint, run directory or exported model")
+    if (p / "model.safetensors").is_file():
+        return "export", p, p
+    if (p / CHECKPOINTS).is_dir():
+        ckpt = latest_checkpoint(p / CHECKPOINTS)
+        if ckpt is None:
+            raise CheckpointError(f"{p}: run directory has no complete checkpoint yet")
+        return "dcp", ckpt, p
+    if (p / ".metadata").is_file():
+        return "dcp", p, p.parent.parent
+    raise CheckpointError(f"{p}: not a run directory, a checkpoint (step_*/ with .metadata) "
+                          "or an exported model (model.safetensors + config.json)")
+
+
+def load_model_config(meta_dir: Path) -> ModelConfig:
+    for name in (MODEL_CONFIG, "config.json"):
+        f = meta_dir / name
+        if f.is_file():
+            data = json.loads(f.read_text())
+            data = data.get("stagewise_model", data)
+            return from_dict(ModelConfig, data, "model")
+    raise CheckpointError(f"{meta_dir}: no {MODEL_CONFIG} or config.json describing the model")
+
+
+def load_model(path: str | Path, device: torch.device):
+    """(model in eval mode, tokenizer, model config) from any of the accepted paths."""
+    from stagewise.checkpoint import load_model_state
+    from stagewise.data import Tokenizer
+    from stagewise.model import Transformer
+
+    _, weights, meta_dir = resolve_model_source(path)
+    mcfg = load_model_config(meta_dir)
+    tok_path = meta_dir / TOKENIZER
+    if not tok_path.is_file():
+        raise CheckpointError(f"{meta_dir}: missing {TOKENIZER}")
+    tokenizer = Tokenizer.load(tok_path)
+    model = Transformer(mcfg)
+    state = load_model_state(weights)
+    if mcfg.tie_embeddings:
+        state.pop("output.weight", None)  # the head is the embedding; stored once
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (mcfg.tie_embeddings and k == "output.weight")]
+    if missing or unexpected:
+        raise CheckpointError(f"{weights}: weights do not match the model config "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.to(device)
+    return model.eval(), tokenizer, mcfg

@@ -1,0 +1,136 @@
+"""Throughput, MFU, memory and the metrics.jsonl log.
+
+MFU (model FLOPs utilisation) = flops_per_token * tokens_per_second / peak_flops, where
+  flops_per_token = 6 * N_matmul + 12 * n_layers * n_heads * head_dim * seq_len
+(PaLM, Chowdhery et al. 2022, appendix B): 6 FLOPs per matmul weight per token for forward
+(2) and backward (4), plus the attention score and value matmuls over the full T x T
+matrix. N_matmul counts every weight used in a matmul, the output head included (also when
+tied to the embedding), and excludes the embedding lookup and norm gains. peak_flops is
+not a datasheet number: it is measured once per machine, thread count and dtype by timing
+large square matmuls (see `measure_peak_flops`) and cached, so MFU says how close training
+gets to what this machine's GEMM actually reaches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+PEAK_ENV = "STAGEWISE_PEAK_FLOPS"
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float) -> float:
+    return flops_per_token * tokens_per_s / peak_flops if peak_flops > 0 else 0.0
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory so far: CUDA allocator peak on GPU; peak resident set size on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if platform.system() == "Darwin" else rss * 1024)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "stagewise" / "peak_flops.json"
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """Best sustained FLOP/s of an n x n x n matmul in `dtype` (n=2048 CPU, 8192 GPU)."""
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # warm-up: first call pays for kernel selection / thread pool start
+    sync()
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Measured peak for this device/threads/dtype, cached on disk; STAGEWISE_PEAK_FLOPS overrides."""
+    if os.environ.get(PEAK_ENV):
+        return float(os.environ[PEAK_ENV])
+    key = f"{_device_name(device)}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__}"
+    path = _cache_file()
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        cache[key] = measure_peak_flops(device, dtype)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(cache, indent=1))
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only home only costs a re-measurement next time
+    return float(cache[key])
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl, one JSON object per optimizer step, flushed per line.
+
+    On resume, lines for steps after the checkpoint are dropped first, so the file of a
+    killed-and-resumed run holds each step exactly once, like an uninterrupted run.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
+        if resume_step is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and _step_of(line) is not None and _step_of(line) <= resume_step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+        self._f = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _step_of(line: str):
+    try:
+        return json.loads(line).get("step")
+    except ValueError:
+        return None  # a line cut short by a kill
+
+
+def read_metrics(path: Path) -> list[dict]:
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out

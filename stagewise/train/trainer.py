@@ -1,0 +1,233 @@
+"""Pre-training: compose the components, run the one step function, checkpoint, resume.
+
+`train(cfg)` starts a run, `resume(run_dir)` continues one. Both go through `_fit`, which
+is the whole loop: draw micro-batches, `train_step`, log, evaluate, checkpoint. Exact
+resume rests on three facts: the data sampler's position, every RNG state and the
+optimizer/precision state are in the checkpoint; the LR is a pure function of the step;
+and metrics lines past the checkpoint are dropped on resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stagewise import rundir
+from stagewise.checkpoint import (capture_rng, export_safetensors, latest_checkpoint, load_checkpoint, restore_rng,
+                                  save_checkpoint)
+from stagewise.config.loader import dump_yaml, from_dict, read_yaml
+from stagewise.config.schema import ModelConfig, RunConfig
+from stagewise.data import SequenceSampler, Tokenizer, eval_batches, open_dataset, resolve_dataset
+from stagewise.errors import CheckpointError, ConfigError
+from stagewise.eval import evaluate
+from stagewise.generate import generate
+from stagewise.model import Transformer, flops_per_token
+from stagewise.objectives import OBJECTIVES, Batch
+from stagewise.optim import build_optimizer, lr_at
+from stagewise.precision import build_precision
+from stagewise.train.metrics import MetricsLog, mfu, peak_flops, peak_memory_bytes
+from stagewise.train.progress import Progress
+from stagewise.train.step import train_step
+
+# Test hook: SIGKILL this process right after the given step has been logged (and
+# checkpointed, if due) — how the resume tests crash a run at an exact point.
+KILL_AT_STEP_ENV = "STAGEWISE_DEBUG_KILL_AT_STEP"
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name} requested but CUDA is not available here (valid: auto, cpu)")
+    return device
+
+
+def resolve_model_config(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
+    if cfg.vocab_size is None:
+        pad = cfg.pad_vocab_to
+        return dataclasses.replace(cfg, vocab_size=-(-tokenizer_vocab // pad) * pad)
+    if cfg.vocab_size < tokenizer_vocab:
+        raise ConfigError(f"model.vocab_size: expected >= the tokenizer's {tokenizer_vocab} tokens, "
+                          f"got {cfg.vocab_size}")
+    return cfg
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT ask the loop to checkpoint after the current step and exit."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second Ctrl-C means "now"
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: RunConfig, log=print) -> Path:
+    """Start a new run; returns the run directory."""
+    device = pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dataset = open_dataset(resolve_dataset(cfg.data, log=log))
+    mcfg = resolve_model_config(cfg.model, dataset.tokenizer.vocab_size)
+    # Fails with a precise DataError if the data is too small, before anything is written.
+    SequenceSampler(dataset.train, cfg.data.seq_len, cfg.train.batch_size, cfg.seed)
+
+    run_dir = rundir.new_run_dir(cfg.out_dir, cfg.name)
+    run_dir.mkdir(parents=True)
+    (run_dir / rundir.CONFIG).write_text(dump_yaml(cfg))
+    rundir.write_json(run_dir / rundir.MODEL_CONFIG, dataclasses.asdict(mcfg))
+    dataset.tokenizer.save(run_dir / rundir.TOKENIZER)
+    rundir.write_json(run_dir / rundir.RUN_INFO, {
+        "dataset": str(dataset.path), "device": str(device), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "python": sys.version.split()[0]})
+    log(f"run directory: {run_dir}")
+    model = _fit(cfg, mcfg, run_dir, dataset, device, checkpoint=None, log=log)
+    _finish(cfg, mcfg, run_dir, model, dataset.tokenizer, device, log)
+    return run_dir
+
+
+def resume(run_dir: str | Path, log=print) -> Path:
+    run_dir = Path(run_dir)
+    if not (run_dir / rundir.CONFIG).is_file():
+        raise CheckpointError(f"{run_dir}: not a stagewise run directory (no {rundir.CONFIG})")
+    cfg = from_dict(RunConfig, read_yaml(run_dir / rundir.CONFIG))
+    mcfg = from_dict(ModelConfig, json.loads((run_dir / rundir.MODEL_CONFIG).read_text()), "model")
+    info = json.loads((run_dir / rundir.RUN_INFO).read_text())
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if info.get("threads") != torch.get_num_threads():
+        log(f"warning: this run used {info.get('threads')} threads, now {torch.get_num_threads()}; "
+            "results stay correct but are not bitwise identical to an uninterrupted run")
+    device = pick_device(cfg.device)
+    run_tokenizer = Tokenizer.load(run_dir / rundir.TOKENIZER)
+    dataset = open_dataset(Path(info["dataset"]), expect_tokenizer_sha=run_tokenizer.sha256)
+    ckpt = latest_checkpoint(run_dir / rundir.CHECKPOINTS)
+    log(f"resuming {run_dir} from {ckpt.name if ckpt else 'the start (no checkpoint was written)'}")
+    model = _fit(cfg, mcfg, run_dir, dataset, device, checkpoint=ckpt, log=log)
+    if model is not None:
+        _finish(cfg, mcfg, run_dir, model, dataset.tokenizer, device, log)
+    return run_dir
+
+
+def _finish(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, model, tokenizer, device, log) -> None:
+    """Export the final weights and print the recipe's samples."""
+    final = run_dir / rundir.FINAL
+    export_safetensors(model, {"format": "stagewise", "stagewise_model": dataclasses.asdict(mcfg)}, final,
+                       extra_files={rundir.TOKENIZER: run_dir / rundir.TOKENIZER})
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    for prompt in cfg.sample.prompts:
+        s = cfg.sample
+        ids = generate(model, tokenizer.encode(prompt), s.max_new_tokens, temperature=s.temperature,
+                       top_k=s.top_k, top_p=s.top_p, eos_id=tokenizer.eos_id, generator=gen)
+        log(f"--- sample (prompt {prompt!r}) ---\n{prompt}{tokenizer.decode(ids)}")
+    ckpt = latest_checkpoint(run_dir / rundir.CHECKPOINTS)
+    log(f"\ncheckpoint: {ckpt}\nexported model: {final}\n"
+        f"  stagewise sample {run_dir} --prompt 'def '\n  stagewise eval {run_dir} --data python-stdlib\n"
+        f"  stagewise resume {run_dir}   (continues a stopped run)")
+
+
+def _fit(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, dataset, device, checkpoint, log) -> None:
+    seed_everything(cfg.seed)
+    model = Transformer(mcfg).to(device)
+    precision = build_precision(cfg.precision, device)
+    model = precision.setup(model)
+    optimizer = build_optimizer(cfg.optim, model, device)
+    objective = OBJECTIVES[cfg.train.objective]
+    B, T, accum, total = cfg.train.batch_size, cfg.data.seq_len, cfg.train.grad_accum, cfg.train.steps
+    sampler = SequenceSampler(dataset.train, T, B, cfg.seed)
+    val = [Batch(x, y) for x, y in eval_batches(dataset.val, T, B, cfg.eval.batches)]
+
+    step, tokens_seen, skipped = 0, 0, 0
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, optimizer)
+        step, tokens_seen, skipped = state["step"], state["tokens_seen"], state["skipped_steps"]
+        sampler.load_state_dict(state["sampler"])
+        precision.load_state_dict(state["precision"])
+        restore_rng(state["rng"])
+    if step >= total:
+        log(f"run already complete at step {step}/{total}")
+        return None
+
+    fpt = flops_per_token(mcfg, T)
+    peak = peak_flops(device, precision.compute_dtype)
+    train_model = torch.compile(model) if cfg.train.compile else model
+    metrics = MetricsLog(run_dir / rundir.METRICS, resume_step=step if checkpoint else 0)
+    progress = Progress(total, step, cfg.log.progress, cfg.log.every)
+    kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "-1"))
+    ckpt_root = run_dir / rundir.CHECKPOINTS
+
+    def save(at_step: int) -> Path:
+        state = {"step": at_step, "tokens_seen": tokens_seen, "skipped_steps": skipped,
+                 "sampler": sampler.state_dict(), "precision": precision.state_dict(), "rng": capture_rng(),
+                 "schedule": {"name": cfg.schedule.name, "step": at_step}}
+        return save_checkpoint(ckpt_root, at_step, model, optimizer, state, cfg.checkpoint.keep_last)
+
+    model.train()
+    with _StopRequest() as stop:
+        while step < total:
+            t0 = time.perf_counter()
+            micro = []
+            for _ in range(accum):
+                x, y = sampler.next_batch()
+                micro.append(Batch(x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
+            lr = lr_at(step, cfg.optim.lr, total, cfg.schedule)
+            result = train_step(train_model, optimizer, precision, objective, micro, lr, cfg.train.grad_clip)
+            step += 1
+            tokens_seen += B * T * accum
+            skipped += not result.applied
+            dt = time.perf_counter() - t0
+            tok_s = B * T * accum / dt
+            record = {"step": step, "tokens": tokens_seen, "loss": result.loss, "lr": lr,
+                      "grad_norm": result.grad_norm, "tokens_per_s": tok_s, "mfu": mfu(fpt, tok_s, peak),
+                      "peak_mem_bytes": peak_memory_bytes(device), "step_time_s": dt}
+            if not result.applied:
+                record["skipped"] = True
+                progress.message(f"step {step}: non-finite gradient (norm {result.grad_norm}); update skipped")
+            if step == total or (cfg.eval.every and step % cfg.eval.every == 0):
+                record["val_loss"] = evaluate(train_model, val, precision)["loss"]
+            metrics.write(record)
+            progress.update(step, result.loss, tok_s, record["mfu"], record.get("val_loss"))
+            if step == total or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stop.signum:
+                path = save(step)
+                if stop.signum:
+                    progress.close()
+                    metrics.close()
+                    log(f"received {signal.Signals(stop.signum).name}: saved {path}; "
+                        f"continue with: stagewise resume {run_dir}")
+                    raise SystemExit(128 + stop.signum)
+            if step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+    progress.close()
+    metrics.close()
+    if skipped:
+        log(f"warning: {skipped} step(s) skipped for non-finite gradients")
+    return model
