@@ -1,0 +1,1 @@
+"""Conversions between stagewise checkpoints and other ecosystems' formats (no runtime dependency on them)."""

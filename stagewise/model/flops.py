@@ -1,0 +1,95 @@
+"""Parameter, FLOP and memory arithmetic for `stagewise.model.llama` (no modules are built).
+
+FLOPs follow the PaLM paper, appendix B (Chowdhery et al. 2022), as nanochat does: a token costs
+2 FLOPs per matmul parameter in the forward pass and 4 in the backward (gradients for both the
+input and the weight), hence 6 * N_matmul; attention adds 2 * 2 * T * H * head_dim forward FLOPs
+per layer and token (QK^T and attention-weighted V), times 3 for forward + backward, i.e.
+12 * L * H * head_dim * T. The full T x T score matrix is counted even though causal kernels skip
+half of it, so model FLOPs utilisation stays comparable with published numbers.
+"""
+
+from __future__ import annotations
+
+from stagewise.config.schema import ModelConfig
+from stagewise.model.llama import resolved_dims, validate_model_config
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts of `Transformer(cfg)`.
+
+    total          unique parameters (a tied head is counted once, as the embedding)
+    embedding      the input token table, vocab_size * d_model
+    non_embedding  total - embedding (an untied output head counts here)
+    matmul         parameters used in matmuls per token: every linear layer plus the output head,
+                   even when tied (its vocab x d matmul runs either way); the embedding lookup and
+                   norm weights are excluded since they cost no matmul FLOPs
+    """
+    validate_model_config(cfg)
+    n_kv, hd, ffn = resolved_dims(cfg)
+    d, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layers
+    attn = d * hd * (2 * cfg.n_heads + 2 * n_kv)        # wq, wo: H heads; wk, wv: n_kv heads
+    mlp = 3 * d * ffn                                   # w1, w2, w3
+    norms = 2 * d + (2 * hd if cfg.qk_norm else 0)      # attention_norm, ffn_norm (+ q_norm, k_norm)
+    embedding = V * d
+    head = 0 if cfg.tie_embeddings else V * d
+    total = embedding + L * (attn + mlp + norms) + d + head
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding,
+            "matmul": L * (attn + mlp) + V * d}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Training (forward + backward) FLOPs per token at sequence length `seq_len` (PaLM appendix B)."""
+    _, hd, _ = resolved_dims(cfg)
+    return 6 * param_counts(cfg)["matmul"] + 12 * cfg.n_layers * cfg.n_heads * hd * seq_len
+
+
+def estimate_memory(cfg: ModelConfig, batch_size: int, seq_len: int, param_bytes: int = 4,
+                    grad_bytes: int = 4, optim_bytes_per_param: int = 8, act_bytes: int = 4) -> dict[str, int]:
+    """Training memory in bytes. `act_bytes` is the matmul compute width: 4 for fp32, 2 under bf16
+    autocast with fp32 weights (the configuration stagewise trains in).
+
+    activations counts what autograd saves for this implementation (derived op by op and checked
+    against torch.autograd.graph.saved_tensors_hooks in tests/test_model.py), per token:
+      RMSNorm      its fp32 input, the fp32 normalised x (for the weight's grad), the fp32 rstd;
+                   its output is saved once more, at act_bytes, as the next linear's input.
+                   Under autocast each linear casts (and saves) its own copy: 3 for wq/wk/wv,
+                   2 for w1/w3
+      attention    q and k after RoPE, v, the SDPA output (its [B,T,H,hd] layout makes wo's input a
+                   view of it) at act_bytes, plus SDPA's fp32 logsumexp per head. RoPE saves no
+                   activations (cos/sin need no grad), and the flash kernel saves no T x T scores;
+                   with enable_gqa, k and v are saved at n_kv_heads width
+      QK-norm      the RMSNorm terms above at head_dim width for every q and kv head
+      SwiGLU       w1 and w3 outputs, silu(w1 x), and the product fed to w2, at act_bytes
+      model        int64 token ids (embedding backward), the final norm and the head's input
+      autocast     when act_bytes != param_bytes, a low-precision copy of every matmul weight, kept
+                   for the backward of the input's gradient; when act_bytes != 4, the cos/sin
+                   tables cast to the compute dtype (4 per layer, seq_len x head_dim, not per row)
+    logits is the loss's side: B*T*V logits at act_bytes, the fp32 log-softmax cross-entropy saves,
+    and one fp32 gradient of the same size during backward.
+    """
+    n_kv, hd, ffn = resolved_dims(cfg)
+    counts = param_counts(cfg)
+    d, H, a = cfg.d_model, cfg.n_heads, act_bytes
+    N = batch_size * seq_len
+    norm = lambda width, rows=1: rows * (8 * width + 4)  # noqa: E731 - fp32 input and x*rstd, fp32 rstd
+    autocast = act_bytes != param_bytes
+    norm_out_copies = 5 if autocast else 2               # see "RMSNorm" above
+    per_layer = (2 * norm(d) + norm_out_copies * a * d   # two RMSNorms and their saved outputs
+                 + a * (2 * H + 2 * n_kv) * hd + 4 * H   # q, k, v, out; logsumexp
+                 + 4 * a * ffn)                          # SwiGLU
+    if cfg.qk_norm:
+        per_layer += norm(hd, H + n_kv)
+    act = N * (cfg.n_layers * per_layer + norm(d) + a * d + 8)
+    if autocast:
+        act += a * counts["matmul"]
+    if act_bytes != 4:
+        act += cfg.n_layers * 4 * seq_len * hd * a
+    out = {
+        "params": param_bytes * counts["total"],
+        "grads": grad_bytes * counts["total"],
+        "optimizer": optim_bytes_per_param * counts["total"],
+        "activations": act,
+        "logits": N * cfg.vocab_size * (a + 4 + 4),
+    }
+    out["total"] = sum(out.values())
+    return out

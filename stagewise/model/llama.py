@@ -1,0 +1,232 @@
+"""A decoder-only Llama-family transformer (pre-norm, RoPE, GQA, SwiGLU, RMSNorm).
+
+Parameter names follow Meta's reference Llama code (`tok_embeddings`, `layers.{i}.attention.wq`,
+`feed_forward.w1`, ...); `stagewise.interop.hf_llama` maps them to and from Hugging Face names.
+RoPE uses the split-halves (`rotate_half`) pairing of HF Llama — dimension i rotates with
+i + head_dim/2 — so HF checkpoints load without permuting the q/k projection rows.
+
+Initialisation (`Transformer.init_weights`, also run by `__init__`):
+  * token embeddings and every linear weight ~ N(0, init_std);
+  * the two projections that write into the residual stream (attention.wo, feed_forward.w2)
+    ~ N(0, init_std / sqrt(2 * n_layers)): each block adds two such outputs to the residual,
+    so this keeps the residual variance at depth L independent of L (GPT-2 / Megatron-LM);
+  * an untied output head ~ N(0, init_std); a tied head *is* the embedding matrix;
+  * RMSNorm weights = 1. There are no biases.
+
+Precision is not decided here: norms compute in fp32 and cast back, everything else runs in
+whatever dtype the weights have or autocast chooses (stagewise.precision wraps the model).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from stagewise.config.schema import ModelConfig
+from stagewise.errors import ConfigError
+
+
+def resolved_dims(cfg: ModelConfig) -> tuple[int, int, int]:
+    """(n_kv_heads, head_dim, ffn_dim) with the schema's null defaults filled in."""
+    n_kv = cfg.n_kv_heads if cfg.n_kv_heads is not None else cfg.n_heads
+    if cfg.n_heads % n_kv:
+        raise ConfigError(f"model.n_kv_heads: expected a divisor of n_heads={cfg.n_heads}, got {n_kv}")
+    if cfg.head_dim is None and cfg.d_model % cfg.n_heads:
+        raise ConfigError(f"model.d_model: expected a multiple of n_heads={cfg.n_heads} when head_dim is null, "
+                          f"got {cfg.d_model}")
+    head_dim = cfg.head_dim if cfg.head_dim is not None else cfg.d_model // cfg.n_heads
+    if head_dim % 2:
+        raise ConfigError(f"model.head_dim: expected an even width (RoPE rotates pairs), got {head_dim}")
+    # 8/3 keeps SwiGLU's three matrices at the parameter count of a 4*d GELU MLP (Shazeer 2020);
+    # rounding up to 64 keeps the GEMMs tile-friendly.
+    ffn = cfg.ffn_dim if cfg.ffn_dim is not None else -(-8 * cfg.d_model // (3 * 64)) * 64
+    return n_kv, head_dim, ffn
+
+
+def validate_model_config(cfg: ModelConfig) -> None:
+    """Raise a one-line ConfigError if `cfg` cannot build a model."""
+    if not isinstance(cfg.vocab_size, int) or cfg.vocab_size <= 0:
+        raise ConfigError(f"model.vocab_size: expected a positive int (resolved from the tokenizer), "
+                          f"got {cfg.vocab_size!r}")
+    resolved_dims(cfg)
+
+
+class KVCache:
+    """Preallocated keys/values per layer, [B, n_kv_heads, max_len, head_dim], filled left to right.
+
+    `pos` is the number of positions already written; `Transformer.forward` writes the new chunk at
+    [pos, pos + T) in every layer and then advances `pos` by T.
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.max_len = max_len
+        self.pos = 0
+
+    @classmethod
+    def for_model(cls, model: "Transformer", batch_size: int = 1, max_len: int | None = None) -> "KVCache":
+        p = model.tok_embeddings.weight
+        return cls(model.cfg.n_layers, batch_size, model.n_kv_heads, max_len or model.cfg.max_seq_len,
+                   model.head_dim, dtype=p.dtype, device=p.device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this chunk's k/v for `layer`; return all keys/values so far (views, no copy)."""
+        end = self.pos + k.shape[2]
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The mean of squares over d terms loses too many digits in bf16, so it runs in fp32.
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [max_len, head_dim] in fp32, frequencies repeated over the two halves (HF layout)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + d/2) of x [B, heads, T, d] by the angles in cos/sin [T, d]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    # Tables are fp32; casting them (not x) keeps bf16 activations bf16 instead of promoting.
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads, self.head_dim, _ = resolved_dims(cfg)
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
+        # QK-norm bounds attention logits, which otherwise can grow until softmax saturates
+        # (Dehghani et al. 2023; used by OLMo2 and Qwen3).
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)
+        k = apply_rope(k.transpose(1, 2), cos, sin)
+        v = v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        # enable_gqa lets SDPA broadcast kv heads itself: on CPU the flash kernel then saves k/v at
+        # n_kv_heads width and runs faster than materialising repeat_interleave copies.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                             enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (Shazeer 2020): w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, d_model: int, ffn_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, ffn_dim, bias=False)
+        self.w2 = nn.Linear(ffn_dim, d_model, bias=False)
+        self.w3 = nn.Linear(d_model, ffn_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg.d_model, resolved_dims(cfg)[2])
+
+    def forward(self, h, cos, sin, mask, cache, layer):
+        h = h + self.attention(self.attention_norm(h), cos, sin, mask, cache, layer)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        validate_model_config(cfg)
+        self.cfg = cfg
+        self.n_kv_heads, self.head_dim, self.ffn_dim = resolved_dims(cfg)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # Derived from the config, so not part of the state dict (checkpoints stay portable).
+        cos, sin = rope_tables(self.head_dim, cfg.max_seq_len, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """The initialisation stated in the module docstring; `generator` makes it independent
+        of the global RNG, otherwise torch.manual_seed determines it."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, 0.0, std, generator=generator)
+        for layer in self.layers:
+            for lin in (layer.attention.wq, layer.attention.wk, layer.attention.wv,
+                        layer.feed_forward.w1, layer.feed_forward.w3):
+                nn.init.normal_(lin.weight, 0.0, std, generator=generator)
+            for lin in (layer.attention.wo, layer.feed_forward.w2):
+                nn.init.normal_(lin.weight, 0.0, out_std, generator=generator)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.output.weight, 0.0, std, generator=generator)
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, vocab_size] in the compute dtype (the objective computes
+        the loss). With a cache, the chunk sits at positions cache.pos .. cache.pos + T - 1 and
+        attends to everything cached before it."""
+        T = tokens.shape[1]
+        start = cache.pos if cache is not None else 0
+        limit = min(self.cfg.max_seq_len, cache.max_len) if cache is not None else self.cfg.max_seq_len
+        if start + T > limit:
+            raise ValueError(f"sequence of {start + T} positions exceeds the limit of {limit} "
+                             f"(model.max_seq_len={self.cfg.max_seq_len})")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        mask = None
+        if start > 0 and T > 1:
+            # Query i (absolute position start + i) sees keys 0 .. start + i: is_causal would
+            # align the triangle to the top-left and hide the cached prefix.
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=tokens.device).tril(diagonal=start)
+        h = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.pos += T
+        return self.output(self.norm(h))
