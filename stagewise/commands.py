@@ -55,7 +55,7 @@ def _plan_vocab(cfg) -> tuple[int, str]:
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2**30:8.3f} GiB"
+    return f"{n / 2**30:8.3f} GiB" if n >= 2**30 else f"{n / 2**20:8.1f} MiB"
 
 
 def cmd_plan(args, extra) -> int:

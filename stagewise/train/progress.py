@@ -34,6 +34,7 @@ class Progress:
         """step is the number of completed steps."""
         # An exponential average steadies the displayed throughput without hiding trends.
         self.tok_s_avg = tokens_per_s if self.tok_s_avg is None else 0.9 * self.tok_s_avg + 0.1 * tokens_per_s
+        mfu = mfu * self.tok_s_avg / tokens_per_s  # MFU of the averaged throughput shown beside it
         if self.mode == "bar":
             post = {"loss": f"{loss:.4f}", "tok/s": f"{self.tok_s_avg:,.0f}", "MFU": f"{100 * mfu:.1f}%"}
             if val_loss is not None:

@@ -151,7 +151,7 @@ def _finish(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, model, tokenizer, 
         log(f"--- sample (prompt {prompt!r}) ---\n{prompt}{tokenizer.decode(ids)}")
     ckpt = latest_checkpoint(run_dir / rundir.CHECKPOINTS)
     log(f"\ncheckpoint: {ckpt}\nexported model: {final}\n"
-        f"  stagewise sample {run_dir} --prompt 'def '\n  stagewise eval {run_dir} --data python-stdlib\n"
+        f"  stagewise sample {run_dir} --prompt 'def '\n  stagewise eval {run_dir}   (validation split)\n"
         f"  stagewise resume {run_dir}   (continues a stopped run)")
 
 
