@@ -75,7 +75,7 @@ def build(framework: str, a):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            return float(loss)
+            return float(loss.detach())
     model.train()
     return step, cfg
 
@@ -115,6 +115,7 @@ def main() -> None:
         return
 
     frameworks = ["stagewise", "transformers"]
+    mem = {fw: memory_child(fw, a) for fw in frameworks}
     steps = {}
     for fw in frameworks:
         steps[fw], cfg = build(fw, a)
@@ -131,7 +132,6 @@ def main() -> None:
     dtype = torch.bfloat16 if a.precision == "bf16-mixed" else torch.float32
     peak = peak_flops(torch.device("cpu"), dtype)
     fpt = flops_per_token(cfg, a.seq)
-    mem = {fw: memory_child(fw, a) for fw in frameworks}
     result = {"date": datetime.date.today().isoformat(), "machine": _device_name(torch.device("cpu")),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
               "config": vars(a) | {"child": None}, "peak_flops": peak, "flops_per_token": fpt}

@@ -132,3 +132,14 @@ def test_help_explains_every_option():
         assert opt in sample_help
     assert "--split" in run_cli("eval", "--help").stdout
     assert "--vocab-size" in run_cli("data", "prepare", "--help").stdout
+
+
+def test_compiled_run_matches_eager(tmp_path, corpus_dir, data_cache):
+    recipe = tiny_recipe(tmp_path / "tiny.yaml", corpus_dir, data_cache, tmp_path / "runs")
+    for name, compile_ in (("eager", "false"), ("compiled", "true")):
+        run_cli("run", recipe, f"--name={name}", f"--train.compile={compile_}", "--train.steps=8",
+                "--checkpoint.every=0", "--eval.every=0", "--sample.prompts=[]")
+    eager, compiled = (read_metrics(tmp_path / "runs" / n / "metrics.jsonl") for n in ("eager", "compiled"))
+    assert len(eager) == len(compiled) == 8
+    for a, b in zip(eager, compiled):
+        assert abs(a["loss"] - b["loss"]) < 1e-3

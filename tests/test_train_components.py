@@ -163,3 +163,32 @@ def test_peak_memory_grows_with_allocation():
     big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     assert M.peak_memory_bytes(torch.device("cpu")) >= before
     assert M.peak_memory_bytes(torch.device("cpu")) >= big.numel() * 4
+
+
+class _Stream(__import__("io").StringIO):
+    def __init__(self, tty):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+def test_progress_bar_on_tty_and_plain_lines_otherwise():
+    from stagewise.train.progress import Progress
+
+    tty = _Stream(True)
+    bar = Progress(total_steps=4, start_step=0, mode="auto", stream=tty)
+    for step in range(1, 5):
+        bar.update(step, loss=2.5, tokens_per_s=1000.0, mfu=0.25, val_loss=2.4 if step == 4 else None)
+    bar.close()
+    shown = tty.getvalue()
+    assert "\r" in shown and "4/4" in shown and "loss=2.5000" in shown and "MFU=25.0%" in shown
+
+    pipe = _Stream(False)
+    plain = Progress(total_steps=4, start_step=0, mode="auto", every=2, stream=pipe)
+    for step in range(1, 5):
+        plain.update(step, loss=2.5, tokens_per_s=1000.0, mfu=0.25)
+    lines = pipe.getvalue().splitlines()
+    assert "\r" not in pipe.getvalue() and len(lines) == 2
+    assert lines[-1].startswith("step 4/4 | loss 2.5000 | 1,000 tok/s | MFU 25.0% | ETA")

@@ -33,6 +33,15 @@ def peak_memory_bytes(device: torch.device) -> int:
     """Peak memory so far: CUDA allocator peak on GPU; peak resident set size on CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    # VmHWM is this process image's own high-water mark. getrusage's ru_maxrss is not: Linux
+    # carries it over fork+exec, so a child started by a large parent reports the parent's peak.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     # ru_maxrss is in KiB on Linux (bytes on macOS).
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if platform.system() == "Darwin" else rss * 1024)
