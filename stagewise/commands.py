@@ -61,18 +61,20 @@ def _gib(n: float) -> str:
 def cmd_plan(args, extra) -> int:
     from stagewise.config.loader import dump_yaml, load_recipe
     from stagewise.model import estimate_memory, flops_per_token, param_counts
-    from stagewise.precision.base import _MODES
+    from stagewise.precision import MODES
     from stagewise.train.trainer import resolve_model_config
 
     cfg = load_recipe(args.recipe, _overrides(extra))
     vocab, vocab_from = _plan_vocab(cfg)
     mcfg = resolve_model_config(cfg.model, vocab)
-    prec = _MODES[cfg.precision.mode]
+    prec = MODES[cfg.precision.mode]
+    # Kahan keeps one more bf16 buffer per weight, counted with the optimizer states.
+    optim_bytes = prec.optim_state_bytes + (2 if cfg.precision.kahan else 0)
     B, T, A = cfg.train.batch_size, cfg.data.seq_len, cfg.train.grad_accum
     counts = param_counts(mcfg)
     fpt = flops_per_token(mcfg, T)
-    mem = estimate_memory(mcfg, B, T, param_bytes=prec.param_bytes, grad_bytes=prec.grad_bytes,
-                          optim_bytes_per_param=prec.optim_state_bytes,
+    mem = estimate_memory(mcfg, B, T, param_bytes=prec.param_bytes + prec.master_bytes, grad_bytes=prec.grad_bytes,
+                          optim_bytes_per_param=optim_bytes,
                           act_bytes=prec.compute_dtype.itemsize)
     tokens_per_step = B * T * A
     print("# resolved config")
@@ -88,6 +90,13 @@ def cmd_plan(args, extra) -> int:
     print(f"tokens in run:       {total_tokens:>14,}  ({cfg.train.steps} steps; "
           f"{total_tokens / max(counts['total'], 1):.1f} tokens/param)")
     print(f"FLOPs in run:        {fpt * total_tokens:>14.3e}")
+    print(f"\n# bytes per parameter ({cfg.precision.mode})")
+    per_param = prec.param_bytes + prec.grad_bytes + prec.master_bytes + optim_bytes
+    print(f"  weights {prec.param_bytes}, gradients {prec.grad_bytes}, separate master copy {prec.master_bytes}, "
+          f"optimizer states {optim_bytes}: {per_param} bytes")
+    if prec.compute_dtype.itemsize != prec.param_bytes:
+        print(f"  (the fp32 weights are the master copy; autocast makes a {prec.compute_dtype.itemsize}-byte working "
+              "copy of the matmul weights each forward, counted with the activations)")
     print(f"\n# predicted peak memory ({cfg.precision.mode}, one micro-batch of {B} x {T})")
     for key in ("params", "grads", "optimizer", "activations", "logits"):
         print(f"  {key:<12}{_gib(mem[key])}")
@@ -117,7 +126,7 @@ def cmd_sample(args, extra) -> int:
     model, tok, _ = load_model(args.ckpt, device)
     temperature = 0.0 if args.greedy else args.temperature
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    prompt_ids = tok.encode(args.prompt)
+    prompt_ids = tok.encode_prompt(args.prompt)  # with BOS where the model's tokenizer adds one (Gemma)
     for i in range(args.num_samples):
         ids = generate(model, prompt_ids, args.max_new_tokens, temperature=temperature, top_k=args.top_k,
                        top_p=args.top_p, eos_id=tok.eos_id, generator=gen)
@@ -206,6 +215,28 @@ def cmd_export(args, extra) -> int:
     export_safetensors(model, {"format": "stagewise", "stagewise_model": dataclasses.asdict(mcfg)}, out,
                        extra_files={TOKENIZER: meta_dir / TOKENIZER})
     print(f"exported {out}")
+    return 0
+
+
+def _size_bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", text.upper())
+    if not m or float(m.group(1)) <= 0:
+        raise ConfigError(f"--max-shard-size: expected a size such as 500MB or 2GB, got {text!r}")
+    return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)])
+
+
+def cmd_import_hf(args, extra) -> int:
+    from stagewise.interop.hf_io import import_hf
+
+    import_hf(args.src, args.out, gguf_file=args.gguf_file, log=_log)
+    return 0
+
+
+def cmd_export_hf(args, extra) -> int:
+    from stagewise.interop.hf_io import export_hf
+
+    export_hf(args.ckpt, args.out, family=args.arch, max_shard_bytes=_size_bytes(args.max_shard_size),
+              dtype=args.dtype, log=_log)
     return 0
 
 

@@ -50,7 +50,8 @@ def test_yaml_float_without_dot_is_accepted(tmp_path):
     (BASE + "train: {steps: 2.5}\n", "train.steps: expected an integer > 0, got 2.5"),
     (BASE + "train: {steps: true}\n", "train.steps: expected an integer > 0, got true"),
     (BASE + "train: {compile: yes please}\n", 'train.compile: expected true or false, got "yes please"'),
-    (BASE + "precision: {mode: fp64}\n", 'precision.mode: expected one of fp32, bf16-mixed, got "fp64"'),
+    (BASE + "precision: {mode: fp64}\n", 'precision.mode: expected one of fp32, tf32, bf16-mixed, fp16-mixed, '
+     'bf16-pure, fp8, mxfp4, nvfp4, int8, int4, ternary, got "fp64"'),
     (BASE + "train: 3\n", "train: expected a mapping, got int"),
     (BASE + "optim: {beta2: 1.0}\n", "optim.beta2: expected a float >= 0 and < 1, got 1.0"),
     (BASE + "model: {n_heads: 6, n_kv_heads: 4}\n", "model.n_kv_heads: expected a divisor of n_heads=6, got 4"),

@@ -212,7 +212,7 @@ def check_consistency(cfg: RunConfig) -> None:
     head_dim = m.head_dim or m.d_model // m.n_heads
     if head_dim % 2:
         raise ConfigError(f"model.head_dim: expected an even number (RoPE rotates pairs), got {head_dim}")
-    if cfg.data.seq_len > m.max_seq_len:
+    if cfg.data.seq_len > m.max_seq_len and not cfg.init_from:  # init_from's own limit is checked by the trainer
         raise ConfigError(f"data.seq_len: expected <= model.max_seq_len={m.max_seq_len}, got {cfg.data.seq_len}")
     if not cfg.data.sources and not cfg.data.prepared:
         raise ConfigError("data.sources: expected at least one source (or set data.prepared to a prepared dataset)")
@@ -230,6 +230,30 @@ def check_consistency(cfg: RunConfig) -> None:
         raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {_show(cfg.device)}")
     if not re.fullmatch(r"[\w.\-]+", cfg.name):
         raise ConfigError(f"name: expected letters, digits, '.', '_' or '-', got {_show(cfg.name)}")
+    _check_precision(cfg)
+
+
+def _check_precision(cfg: RunConfig) -> None:
+    p = cfg.precision
+    modes = [p.mode] + [s.mode for s in p.schedule]
+    shown = "mode " + ", ".join(dict.fromkeys(modes))
+    for flag in ("stochastic_rounding", "kahan"):
+        if getattr(p, flag) and "bf16-pure" not in modes:
+            raise ConfigError(f"precision.{flag}: only applies to precision.mode=bf16-pure, got {shown}")
+    if p.quant.group_size is not None and "int4" not in modes:
+        raise ConfigError(f"precision.quant.group_size: only applies to precision.mode=int4, got {shown}")
+    if p.quant.hadamard and not set(modes) & {"mxfp4", "nvfp4", "int8", "int4", "ternary"}:
+        raise ConfigError(f"precision.quant.hadamard: only applies to the fake-quant modes (mxfp4, nvfp4, int8, "
+                          f"int4, ternary), got {shown}")
+    last = 0
+    for i, s in enumerate(p.schedule):
+        if s.at_step <= last or s.at_step >= cfg.train.steps:
+            raise ConfigError(f"precision.schedule[{i}].at_step: expected increasing steps in ({last}, "
+                              f"train.steps={cfg.train.steps}), got {s.at_step}")
+        last = s.at_step
+    if p.loss_scale.min_scale > p.loss_scale.max_scale:
+        raise ConfigError(f"precision.loss_scale.min_scale: expected <= max_scale={p.loss_scale.max_scale}, "
+                          f"got {p.loss_scale.min_scale}")
 
 
 def to_dict(cfg) -> dict:

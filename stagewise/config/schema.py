@@ -27,6 +27,18 @@ def opt(default, help: str, **checks):
 
 
 @dataclass
+class RopeScalingConfig:
+    kind: str = opt("none", "RoPE context extension: none, linear (positions divided by factor) or llama3 "
+                    "(Llama 3.1's frequency-dependent interpolation).", choices=["none", "linear", "llama3"])
+    factor: float = opt(8.0, "Scaling factor (linear, llama3).", gt=0)
+    low_freq_factor: float = opt(1.0, "llama3: wavelengths above original_max_seq_len / low_freq_factor are "
+                                 "divided by factor.", gt=0)
+    high_freq_factor: float = opt(4.0, "llama3: wavelengths below original_max_seq_len / high_freq_factor are "
+                                  "kept; those in between are interpolated.", gt=0)
+    original_max_seq_len: int = opt(8192, "llama3: context length of the original pre-training.", gt=0)
+
+
+@dataclass
 class ModelConfig:
     vocab_size: Optional[int] = opt(
         None, "Vocabulary size; null takes the tokenizer's size rounded up to pad_vocab_to.", gt=0)
@@ -46,6 +58,28 @@ class ModelConfig:
     qk_norm: bool = opt(False, "RMSNorm on queries and keys per head before RoPE (as in Qwen3/OLMo2).")
     init_std: float = opt(0.02, "Std of the normal init of embeddings and linear weights; "
                           "output projections (attention wo, MLP w2) use init_std / sqrt(2 * n_layers).", gt=0)
+    # Options below default to plain Llama; imported Qwen2/Qwen3/Mistral/Gemma 3 checkpoints set them.
+    rope_scaling: RopeScalingConfig = opt(RopeScalingConfig, "RoPE frequency scaling for long context "
+                                          "(applied to global layers).")
+    attention_bias: bool = opt(False, "Biases on the query/key/value projections (as in Qwen2).")
+    mlp_activation: str = opt("silu", "Gate activation of the gated MLP: silu (SwiGLU; Llama, Qwen, Mistral) or "
+                              "gelu_tanh (GeGLU with tanh-approximate GELU; Gemma).", choices=["silu", "gelu_tanh"])
+    norm_unit_offset: bool = opt(False, "RMSNorm scales by (1 + weight), weights initialised to 0 (Gemma).")
+    post_norms: bool = opt(False, "Also RMSNorm the attention and MLP outputs before adding them to the residual "
+                           "(Gemma 2/3 sandwich norms).")
+    scale_embeddings: bool = opt(False, "Multiply token embeddings by sqrt(d_model) (Gemma).")
+    query_pre_attn_scalar: Optional[float] = opt(
+        None, "Attention scores are scaled by query_pre_attn_scalar^-0.5; null means head_dim (Gemma 3 sets it).",
+        gt=0)
+    sliding_window: Optional[int] = opt(
+        None, "Local layers attend only to the last sliding_window positions (the query's own included); "
+        "null makes every layer global.", gt=0)
+    global_every: int = opt(
+        0, "With sliding_window: layers global_every-1, 2*global_every-1, ... (0-based) are global and the others "
+        "local (Gemma 3: 6); 0 makes every layer local (Mistral v0.1).", ge=0)
+    rope_local_base: Optional[float] = opt(
+        None, "RoPE base of the local (sliding-window) layers; null means rope_base (Gemma 3: 10000 local, "
+        "1e6 global).", gt=0)
 
 
 @dataclass
@@ -106,9 +140,69 @@ class TrainConfig:
 
 
 @dataclass
+class LossScaleConfig:
+    init_scale: float = opt(65536.0, "fp16-mixed: initial loss scale (a power of two keeps unscaling exact).", gt=0)
+    growth_factor: float = opt(2.0, "fp16-mixed: multiply the scale by this after growth_interval clean steps.", gt=1)
+    backoff_factor: float = opt(0.5, "fp16-mixed: multiply the scale by this after a non-finite gradient "
+                                "(that step is skipped).", gt=0, lt=1)
+    growth_interval: int = opt(2000, "fp16-mixed: consecutive clean steps before the scale grows.", gt=0)
+    min_scale: float = opt(1.0, "fp16-mixed: the scale never backs off below this.", gt=0)
+    max_scale: float = opt(16777216.0, "fp16-mixed: the scale never grows above this (2^24).", gt=0)
+
+
+@dataclass
+class FP8Config:
+    scaling: str = opt("current", "fp8: per-tensor scale from this tensor's amax (current), from the amax history "
+                       "of previous steps (delayed), or none (a plain saturating cast).",
+                       choices=["current", "delayed", "none"])
+    amax_history_len: int = opt(16, "fp8 delayed scaling: steps of amax history the scale is taken from.", gt=0)
+
+
+@dataclass
+class QuantConfig:
+    activations: bool = opt(True, "Fake-quant modes: also quantise each swapped linear's input (ternary: int8 per "
+                            "token); false quantises weights only.")
+    gradients: bool = opt(False, "Fake-quant modes: also quantise the gradient of each swapped linear's output "
+                          "in the backward.")
+    group_size: Optional[int] = opt(None, "int4 only: elements per scale along a row; null: one scale per row.", gt=0)
+    hadamard: bool = opt(False, "Fake-quant modes: rotate both matmul operands by a Hadamard matrix along the "
+                         "contraction dimension before quantising (QuaRot).")
+
+
+PRECISION_MODES = ["fp32", "tf32", "bf16-mixed", "fp16-mixed", "bf16-pure", "fp8", "mxfp4", "nvfp4", "int8", "int4",
+                   "ternary"]
+
+
+@dataclass
+class PrecisionStageConfig:
+    at_step: int = opt(1, "Switch after this many optimizer steps have completed.", gt=0)
+    mode: str = opt("bf16-mixed", "The mode from then on (any precision.mode).", choices=PRECISION_MODES)
+    optimizer_state: str = opt("keep", "keep AdamW's moments and step counts across the switch, or reset them.",
+                               choices=["keep", "reset"])
+
+
+@dataclass
 class PrecisionConfig:
-    mode: str = opt("bf16-mixed", "Numeric precision: fp32, or bf16-mixed (bf16 autocast compute, fp32 weights "
-                    "and optimizer states).", choices=["fp32", "bf16-mixed"])
+    mode: str = opt("bf16-mixed", "Numeric precision (docs/precision.md): fp32; tf32 (TF32 matmuls on CUDA, fp32 "
+                    "on CPU); bf16-mixed (bf16 autocast compute, fp32 weights and optimizer states); fp16-mixed "
+                    "(fp16 compute, fp32 master weights, dynamic loss scaling); bf16-pure (bf16 weights, gradients "
+                    "and optimizer states, no fp32 copy); fp8 (linears in fp8, the rest bf16-mixed); mxfp4, nvfp4, "
+                    "int8, int4, ternary (linears fake-quantised for QAT, the rest bf16-mixed).",
+                    choices=PRECISION_MODES)
+    keep_high_precision: list[str] = opt(
+        ["tok_embeddings", "*norm*", "output"], "fp8 and fake-quant modes: module name patterns (fnmatch) whose "
+        "linears are not swapped and stay bf16-mixed.")
+    fp8: FP8Config = opt(FP8Config, "fp8 mode: scaling of the e4m3/e5m2 casts.")
+    quant: QuantConfig = opt(QuantConfig, "Fake-quant modes (mxfp4, nvfp4, int8, int4, ternary).")
+    schedule: list[PrecisionStageConfig] = opt(
+        [], "Mode changes during the run, e.g. [{at_step: 800, mode: int4}]; options above apply to every mode.")
+    loss_scale: LossScaleConfig = opt(LossScaleConfig, "Dynamic loss scaling (fp16-mixed only).")
+    stochastic_rounding: bool = opt(False, "bf16-pure only: round each new weight to bf16 stochastically "
+                                    "(unbiased) instead of to nearest.")
+    kahan: bool = opt(False, "bf16-pure only: Kahan-compensated weight updates (a second bf16 buffer per weight "
+                      "holds what rounding dropped; +2 bytes/parameter).")
+    telemetry_every: int = opt(100, "Every N steps add precision telemetry (gradient underflow/subnormal/overflow "
+                               "fractions, lost-update fraction) to metrics.jsonl; 0 disables.", ge=0)
 
 
 @dataclass
@@ -146,6 +240,10 @@ class RunConfig:
     seed: int = opt(1337, "Seed for model init, data order and sampling.", ge=0)
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N.")
     threads: int = opt(0, "torch intra-op threads; 0 keeps torch's default. Bitwise resume needs the same count.", ge=0)
+    init_from: Optional[str] = opt(
+        None, "Start from these weights: a stagewise run, checkpoint or model directory, or a Hugging Face model "
+        "directory (Llama, Mistral, Qwen2, Qwen3, Gemma 3). The architecture and tokenizer come from it (the "
+        "model section and data.tokenizer are ignored); null trains from random initialisation.")
     model: ModelConfig = opt(ModelConfig, "Model architecture.")
     data: DataConfig = opt(DataConfig, "Training and validation data.")
     train: TrainConfig = opt(TrainConfig, "Training loop.")

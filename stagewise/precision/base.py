@@ -2,22 +2,31 @@
 
 The step function calls a Precision at fixed points, in this order:
 
-    model = precision.setup(model)            # once: cast / wrap modules, keep master copies
-    with precision.autocast(): loss = ...     # forward under the compute dtype
-    precision.backward(loss)                  # scales the loss if the mode uses loss scaling
-    precision.unscale_(optimizer)             # gradients back to true scale, before clipping
-    applied = precision.step(optimizer, grad_norm)   # the optimizer-step hook: may skip the step
-    precision.state_dict() / load_state_dict()       # goes into every checkpoint
+    model = precision.setup(model)                 # once: cast / wrap modules
+    optimizer = precision.setup_optimizer(opt)     # once: may replace the update rule (bf16-pure)
+    with precision.autocast(): loss = ...          # forward under the compute dtype
+    precision.backward(loss)                       # scales the loss if the mode uses loss scaling
+    precision.unscale_(optimizer)                  # gradients back to true scale, before clipping
+    applied = precision.step(optimizer, grad_norm) # the optimizer-step hook: may skip the step
+    precision.metrics()                            # telemetry of the step just taken (may be {})
+    precision.state_dict() / load_state_dict()     # goes into every checkpoint
 
-fp32 and bf16-mixed (autocast, fp32 master weights and optimizer states) live here;
-fp16 with dynamic loss scaling, pure bf16, fp8 and fake-quant formats plug in as
-further subclasses without touching the loop.
+Modes (docs/precision.md says what is rounded where):
+  fp32        everything fp32; on CUDA TF32 matmuls are switched off
+  tf32        fp32 storage, TF32 tensor-core matmuls on CUDA (fp32 on CPU)
+  bf16-mixed  bf16 autocast compute, fp32 weights/grads/AdamW states   (this file)
+  fp16-mixed  fp16 compute + dynamic loss scaling, fp32 master weights (fp16.py)
+  bf16-pure   bf16 weights and AdamW states, optional SR / Kahan       (pure_bf16.py)
+  fp8, mxfp4, nvfp4, int8, int4, ternary
+              linears swapped for fp8 / fake-quant wrappers, the rest bf16-mixed (quant.py)
+A precision schedule switches between them during a run (schedule.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import torch
 
@@ -25,20 +34,54 @@ from stagewise.config.schema import PrecisionConfig
 
 
 class Precision:
+    """fp32: the reference every other mode is measured against."""
+
     name = "fp32"
     compute_dtype = torch.float32
-    param_bytes = 4       # bytes per parameter of the weights the optimizer updates
+    grad_format: torch.dtype | None = None  # the format gradient telemetry rounds to; None: no grad telemetry
+    # Bytes per parameter, for `stagewise plan`: the stored weights (the nn.Parameters), their
+    # gradients, a separate higher-precision master copy held outside the model (0 in every mode
+    # here: in the mixed modes the fp32 parameters are the master and autocast makes the
+    # low-precision working copy per forward), and the optimizer states (AdamW: exp_avg + exp_avg_sq).
+    param_bytes = 4
     grad_bytes = 4
-    optim_state_bytes = 8  # AdamW: exp_avg + exp_avg_sq in fp32
+    master_bytes = 0
+    optim_state_bytes = 8
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, cfg: PrecisionConfig | None = None):
         self.device = device
+        self.cfg = cfg or PrecisionConfig(mode=self.name)
+        self.steps = 0          # optimizer-step calls so far, skipped ones included (== the trainer's step)
+        self.skipped = 0
+        self._metrics: dict = {}
+        self._names: dict[int, str] = {}
+
+    # -- set-up ------------------------------------------------------------------------------
 
     def setup(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.device.type == "cuda":
+            # Explicit, so a process that ran a tf32 stage before does not leak TF32 into fp32.
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        self._names = {id(p): n for n, p in model.named_parameters()}
         return model
+
+    def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return optimizer
+
+    def teardown(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Undo setup (a precision schedule switches modes): plain modules, fp32 parameters."""
+        return model
+
+    # -- the step ----------------------------------------------------------------------------
 
     def autocast(self):
         return contextlib.nullcontext()
+
+    def telemetry_due(self) -> bool:
+        """Whether the step about to run (number self.steps + 1) records gradient/update telemetry."""
+        every = self.cfg.telemetry_every
+        return bool(every) and (self.steps + 1) % every == 0
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -52,18 +95,63 @@ class Precision:
         Without loss scaling a non-finite gradient is a real divergence, not an overflow to
         recover from: the step is skipped (weights stay finite) and the caller reports it.
         """
-        if not math.isfinite(float(grad_norm)):
-            return False
-        optimizer.step()
-        return True
+        self._metrics = {}
+        if self.telemetry_due():
+            self._metrics.update(self._grad_telemetry(optimizer, scale=1.0))
+        applied = math.isfinite(float(grad_norm))
+        if applied:
+            optimizer.step()
+        self._count(applied)
+        return applied
+
+    def _count(self, applied: bool) -> None:
+        self.steps += 1
+        self.skipped += not applied
+
+    def _grad_telemetry(self, optimizer, scale: float) -> dict:
+        """Format-loss statistics of the gradients as held now (multiplied by `scale` first)."""
+        if self.grad_format is None:
+            return {}
+        from stagewise.precision.telemetry import GradFormatStats
+
+        stats = GradFormatStats(self.grad_format)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.ndim >= 2:
+                    stats.add(self._names.get(id(p), "?"), p.grad.float() * scale)
+        return stats.summary()
+
+    def metrics(self) -> dict:
+        """Telemetry of the last step, merged into its metrics.jsonl line (empty on most steps)."""
+        return dict(self._metrics)
+
+    # -- checkpoint --------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"mode": self.name}
+        return {"mode": self.name, "steps": self.steps, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("mode") != self.name:
-            # A precision schedule may legitimately change modes; fp32/bf16 carry no state.
-            pass
+        # A precision schedule may change modes; only the counters carry over between them.
+        self.steps = int(state.get("steps", 0))
+        self.skipped = int(state.get("skipped", 0))
+
+
+class TF32(Precision):
+    """fp32 storage; on CUDA (Ampere+) fp32 matmuls run on tensor cores with 10-bit-mantissa inputs."""
+
+    name = "tf32"
+    _warned = False
+
+    def setup(self, model):
+        model = super().setup(model)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        elif not TF32._warned:
+            TF32._warned = True
+            warnings.warn("precision tf32: TF32 is a CUDA tensor-core format; on the CPU this run is plain fp32",
+                          stacklevel=2)
+        return model
 
 
 class BF16Mixed(Precision):
@@ -75,13 +163,7 @@ class BF16Mixed(Precision):
 
     name = "bf16-mixed"
     compute_dtype = torch.bfloat16
+    grad_format = torch.bfloat16
 
     def autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-
-
-_MODES = {"fp32": Precision, "bf16-mixed": BF16Mixed}
-
-
-def build_precision(cfg: PrecisionConfig, device: torch.device) -> Precision:
-    return _MODES[cfg.mode](device)

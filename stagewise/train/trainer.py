@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -24,6 +25,7 @@ import torch
 from stagewise import rundir
 from stagewise.checkpoint import (capture_rng, export_safetensors, latest_checkpoint, load_checkpoint, restore_rng,
                                   save_checkpoint)
+from stagewise.checkpoint.store import read_train_record
 from stagewise.config.loader import dump_yaml, from_dict, read_yaml
 from stagewise.config.schema import ModelConfig, RunConfig
 from stagewise.data import SequenceSampler, Tokenizer, eval_batches, open_dataset, resolve_dataset
@@ -34,6 +36,7 @@ from stagewise.model import Transformer, flops_per_token
 from stagewise.objectives import OBJECTIVES, Batch
 from stagewise.optim import build_optimizer, lr_at
 from stagewise.precision import build_precision
+from stagewise.precision.schedule import stage_due, switch_precision
 from stagewise.train.metrics import MetricsLog, mfu, peak_flops, peak_memory_bytes
 from stagewise.train.progress import Progress
 from stagewise.train.step import train_step
@@ -60,6 +63,18 @@ def resolve_model_config(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
         raise ConfigError(f"model.vocab_size: expected >= the tokenizer's {tokenizer_vocab} tokens, "
                           f"got {cfg.vocab_size}")
     return cfg
+
+
+def _init_source(cfg: RunConfig, log) -> tuple:
+    """(model config, tokenizer, tokenizer dir, HF config) of init_from; points data.tokenizer at its
+    tokenizer so the data is encoded the way the weights expect."""
+    mcfg, _, tok_dir, hf = rundir.load_init_source(cfg.init_from)
+    if cfg.data.seq_len > mcfg.max_seq_len:
+        raise ConfigError(f"data.seq_len: expected <= {mcfg.max_seq_len} (max_seq_len of init_from "
+                          f"{cfg.init_from}), got {cfg.data.seq_len}")
+    cfg.data.tokenizer.path = str(Path(tok_dir) / rundir.TOKENIZER)
+    log(f"init_from {cfg.init_from}: its architecture and tokenizer replace the recipe's model section")
+    return mcfg, Tokenizer.load(cfg.data.tokenizer.path), Path(tok_dir), hf
 
 
 def seed_everything(seed: int) -> None:
@@ -95,8 +110,12 @@ def train(cfg: RunConfig, log=print) -> Path:
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    init = _init_source(cfg, log) if cfg.init_from else None
     dataset = open_dataset(resolve_dataset(cfg.data, log=log))
-    mcfg = resolve_model_config(cfg.model, dataset.tokenizer.vocab_size)
+    if init and dataset.tokenizer.sha256 != init[1].sha256:
+        raise ConfigError(f"data.prepared: {cfg.data.prepared} was tokenized with another tokenizer than "
+                          f"init_from {cfg.init_from}; prepare it with --tokenizer {cfg.data.tokenizer.path}")
+    mcfg = init[0] if init else resolve_model_config(cfg.model, dataset.tokenizer.vocab_size)
     # Fails with a precise DataError if the data is too small, before anything is written.
     SequenceSampler(dataset.train, cfg.data.seq_len, cfg.train.batch_size, cfg.seed)
 
@@ -105,6 +124,14 @@ def train(cfg: RunConfig, log=print) -> Path:
     (run_dir / rundir.CONFIG).write_text(dump_yaml(cfg))
     rundir.write_json(run_dir / rundir.MODEL_CONFIG, dataclasses.asdict(mcfg))
     dataset.tokenizer.save(run_dir / rundir.TOKENIZER)
+    if init:  # keep the source's chat template, generation config and HF config for export-hf
+        from stagewise.interop.hf_io import SIDE_FILES
+
+        for name in SIDE_FILES:
+            if (init[2] / name).is_file():
+                shutil.copyfile(init[2] / name, run_dir / name)
+        if init[3] is not None:
+            rundir.write_json(run_dir / "hf_config.json", init[3])
     rundir.write_json(run_dir / rundir.RUN_INFO, {
         "dataset": str(dataset.path), "device": str(device), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": sys.version.split()[0]})
@@ -158,9 +185,12 @@ def _finish(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, model, tokenizer, 
 def _fit(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, dataset, device, checkpoint, log) -> None:
     seed_everything(cfg.seed)
     model = Transformer(mcfg).to(device)
-    precision = build_precision(cfg.precision, device)
+    if checkpoint is None and cfg.init_from:
+        rundir.load_weights(model, rundir.load_init_source(cfg.init_from)[1], f"init_from {cfg.init_from}")
+    # A precision schedule may have switched modes before the checkpoint: build the mode it was saved in.
+    precision = build_precision(cfg.precision, device, read_train_record(checkpoint)["step"] if checkpoint else 0)
     model = precision.setup(model)
-    optimizer = build_optimizer(cfg.optim, model, device)
+    optimizer = precision.setup_optimizer(build_optimizer(cfg.optim, model, device))
     objective = OBJECTIVES[cfg.train.objective]
     B, T, accum, total = cfg.train.batch_size, cfg.data.seq_len, cfg.train.grad_accum, cfg.train.steps
     sampler = SequenceSampler(dataset.train, T, B, cfg.seed)
@@ -199,6 +229,13 @@ def _fit(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, dataset, device, chec
             for _ in range(accum):
                 x, y = sampler.next_batch()
                 micro.append(Batch(x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
+            if (stage := stage_due(cfg.precision, step)) is not None:
+                model, precision, optimizer = switch_precision(
+                    cfg.precision, stage, model, precision, optimizer,
+                    lambda m: build_optimizer(cfg.optim, m, device), device)
+                train_model = torch.compile(model) if cfg.train.compile else model
+                progress.message(f"step {step}: precision {stage.mode} from here on "
+                                 f"(optimizer state: {stage.optimizer_state})")
             lr = lr_at(step, cfg.optim.lr, total, cfg.schedule)
             result = train_step(train_model, optimizer, precision, objective, micro, lr, cfg.train.grad_clip)
             step += 1
@@ -209,6 +246,7 @@ def _fit(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, dataset, device, chec
             record = {"step": step, "tokens": tokens_seen, "loss": result.loss, "lr": lr,
                       "grad_norm": result.grad_norm, "tokens_per_s": tok_s, "mfu": mfu(fpt, tok_s, peak),
                       "peak_mem_bytes": peak_memory_bytes(device), "step_time_s": dt}
+            record.update(precision.metrics())  # loss scale, gradient/update format telemetry
             if not result.applied:
                 record["skipped"] = True
                 progress.message(f"step {step}: non-finite gradient (norm {result.grad_norm}); update skipped")
