@@ -92,6 +92,34 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("ckpt", help="run directory or checkpoint directory")
     ex.add_argument("out", help="output directory (must not exist)")
 
+    ih = sub.add_parser("import-hf", help="convert a Hugging Face model into a stagewise model directory",
+                        description="Convert a Hugging Face Llama, Mistral, Qwen2, Qwen3 or Gemma 3 text model "
+                        "(config.json, model.safetensors or shards + model.safetensors.index.json, tokenizer.json "
+                        "and its side files) into a directory that sample, eval, export-hf and a recipe's "
+                        "init_from accept. Every tensor name, shape and dtype is checked against config.json "
+                        "and the tokenizer against the embedding before anything is written.")
+    ih.add_argument("src", help="a Hugging Face model directory, a .gguf file (dequantized by transformers; "
+                    "needs transformers and gguf) or a hub id such as Qwen/Qwen3-0.6B (needs huggingface_hub "
+                    "and network access)")
+    ih.add_argument("out", help="output directory (must not exist)")
+    ih.add_argument("--gguf-file", default=None, help="name of a GGUF file inside SRC to import instead of "
+                    "safetensors")
+
+    eh = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face model directory",
+                        description="Write a run, checkpoint or model directory in a Hugging Face architecture's "
+                        "own format (config.json, safetensors sharded above --max-shard-size with "
+                        "model.safetensors.index.json, tokenizer files) so that transformers' "
+                        "AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained load it. The "
+                        "architecture is the one the model was imported from, else the one its options imply.")
+    eh.add_argument("ckpt", help="run directory, checkpoint directory or model directory")
+    eh.add_argument("out", help="output directory (must not exist)")
+    eh.add_argument("--arch", default=None, choices=["llama", "mistral", "qwen2", "qwen3", "gemma3_text"],
+                    help="target architecture (model_type); default: the source's")
+    eh.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="dtype of the written weights (default float32)")
+    eh.add_argument("--max-shard-size", default="5GB",
+                    help="largest safetensors file before splitting into shards, e.g. 500MB, 2GB (default 5GB)")
+
     d = sub.add_parser("data", help="data preparation")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     dp = dsub.add_parser("prepare", help="train a tokenizer and tokenize a corpus into shards",

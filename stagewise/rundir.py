@@ -102,3 +102,34 @@ def load_model(path: str | Path, device: torch.device):
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.to(device)
     return model.eval(), tokenizer, mcfg
+
+
+def load_init_source(path: str | Path):
+    """(model config, model state, dir holding tokenizer.json and its side files, HF config or None)
+    for a recipe's `init_from`: any path `load_model` accepts, or a Hugging Face model directory."""
+    from stagewise.checkpoint import load_model_state
+
+    from stagewise.interop.hf_io import _read_json, load_hf, original_hf_config
+
+    p = Path(path).expanduser()
+    cfg_file = p / "config.json"
+    is_hf = cfg_file.is_file() and not (p / MODEL_CONFIG).is_file() \
+        and _read_json(cfg_file, "the model's config").get("format") != "stagewise"
+    if is_hf:
+
+        mcfg, state, hf, files_dir = load_hf(p)
+        return mcfg, state, files_dir, hf
+    _, weights, meta_dir = resolve_model_source(p)
+    return load_model_config(meta_dir), load_model_state(weights), meta_dir, original_hf_config(meta_dir)
+
+
+def load_weights(model, state: dict, what: str) -> None:
+    """Load a full model state into `model`; a tied head may be absent or present (it is the embedding)."""
+    tied = model.cfg.tie_embeddings
+    if tied:
+        state = {k: v for k, v in state.items() if k != "output.weight"}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (tied and k == "output.weight")]
+    if missing or unexpected:
+        raise CheckpointError(f"{what}: weights do not match the model config "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

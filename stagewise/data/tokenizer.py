@@ -50,6 +50,11 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Encode a generation prompt with the tokenizer's own special tokens (its post-processor):
+        imported Gemma/Llama 3 tokenizers prepend their BOS, a byte-level BPE we trained adds nothing."""
+        return self._tok.encode(text, add_special_tokens=True).ids
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many texts in parallel (Rust threads); much faster than a Python loop."""
         # encode_batch_fast skips offset tracking we never use; older tokenizers lack it.

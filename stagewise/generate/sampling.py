@@ -49,7 +49,8 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, tem
         return []
     prompt = prompt_ids[-max(1, max_len - max_new_tokens):]
     device = model.tok_embeddings.weight.device
-    cache = KVCache.for_model(model, batch_size=1, max_len=max_len)
+    # Only the positions this call can reach: a 32k-context model need not allocate a 32k cache.
+    cache = KVCache.for_model(model, batch_size=1, max_len=min(max_len, len(prompt) + max_new_tokens))
     logits = model(torch.tensor([prompt], dtype=torch.long, device=device), cache=cache)[0, -1]
     new: list[int] = []
     while True:
@@ -61,7 +62,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, tem
         if token == eos_id:
             break
         new.append(token)
-        if len(new) == max_new_tokens or cache.pos == max_len:
+        if len(new) == max_new_tokens or cache.pos == cache.max_len:
             break
         logits = model(torch.tensor([[token]], dtype=torch.long, device=device), cache=cache)[0, -1]
     return new

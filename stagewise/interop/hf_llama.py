@@ -44,7 +44,7 @@ def _compile(table, src: int):
             for row in table]
 
 
-def _rename(sd: dict, table, src: int, what: str) -> dict:
+def _rename(sd: dict, table, src: int, what: str, family: str = "Llama") -> dict:
     rules = _compile(table, src)
     out = {}
     for name, tensor in sd.items():
@@ -56,7 +56,7 @@ def _rename(sd: dict, table, src: int, what: str) -> dict:
         else:
             if src == 1 and HF_IGNORED.fullmatch(name):
                 continue
-            raise CheckpointError(f"{what}: unexpected tensor {name!r}; expected Llama weights "
+            raise CheckpointError(f"{what}: unexpected tensor {name!r}; expected {family} weights "
                                   f"such as {table[2][src].replace('{i}', '0')!r}")
     return out
 

@@ -29,7 +29,9 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     d, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layers
     attn = d * hd * (2 * cfg.n_heads + 2 * n_kv)        # wq, wo: H heads; wk, wv: n_kv heads
     mlp = 3 * d * ffn                                   # w1, w2, w3
-    norms = 2 * d + (2 * hd if cfg.qk_norm else 0)      # attention_norm, ffn_norm (+ q_norm, k_norm)
+    norms = (4 if cfg.post_norms else 2) * d + (2 * hd if cfg.qk_norm else 0)  # (+ post-norms, q/k-norm)
+    if cfg.attention_bias:
+        norms += hd * (cfg.n_heads + 2 * n_kv)          # q/k/v biases: no matmul FLOPs, counted with norms
     embedding = V * d
     head = 0 if cfg.tie_embeddings else V * d
     total = embedding + L * (attn + mlp + norms) + d + head

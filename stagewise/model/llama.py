@@ -1,9 +1,14 @@
 """A decoder-only Llama-family transformer (pre-norm, RoPE, GQA, SwiGLU, RMSNorm).
 
+The same network covers Mistral, Qwen2/3 and Gemma 3 through ModelConfig options whose defaults
+are plain Llama: q/k/v biases (Qwen2), QK-norm (Qwen3, Gemma 3), GeGLU, (1 + w) RMSNorm, sandwich
+post-norms, sqrt(d) embedding scaling, a query_pre_attn_scalar and sliding-window local layers
+with their own RoPE base (Gemma 3), llama3 RoPE scaling.
+
 Parameter names follow Meta's reference Llama code (`tok_embeddings`, `layers.{i}.attention.wq`,
-`feed_forward.w1`, ...); `stagewise.interop.hf_llama` maps them to and from Hugging Face names.
-RoPE uses the split-halves (`rotate_half`) pairing of HF Llama — dimension i rotates with
-i + head_dim/2 — so HF checkpoints load without permuting the q/k projection rows.
+`feed_forward.w1`, ...); `stagewise.interop.hf_families` maps them to and from Hugging Face names.
+RoPE (model/rope.py) uses the split-halves (`rotate_half`) pairing of HF Llama — dimension i
+rotates with i + head_dim/2 — so HF checkpoints load without permuting the q/k projection rows.
 
 Initialisation (`Transformer.init_weights`, also run by `__init__`):
   * token embeddings and every linear weight ~ N(0, init_std);
@@ -11,7 +16,7 @@ Initialisation (`Transformer.init_weights`, also run by `__init__`):
     ~ N(0, init_std / sqrt(2 * n_layers)): each block adds two such outputs to the residual,
     so this keeps the residual variance at depth L independent of L (GPT-2 / Megatron-LM);
   * an untied output head ~ N(0, init_std); a tied head *is* the embedding matrix;
-  * RMSNorm weights = 1. There are no biases.
+  * RMSNorm weights = 1 (0 with norm_unit_offset, i.e. the same unit scale); biases = 0.
 
 Precision is not decided here: norms compute in fp32 and cast back, everything else runs in
 whatever dtype the weights have or autocast chooses (stagewise.precision wraps the model).
@@ -27,6 +32,7 @@ import torch.nn.functional as F
 
 from stagewise.config.schema import ModelConfig
 from stagewise.errors import ConfigError
+from stagewise.model.rope import apply_rope, rope_tables
 
 
 def resolved_dims(cfg: ModelConfig) -> tuple[int, int, int]:
@@ -52,6 +58,16 @@ def validate_model_config(cfg: ModelConfig) -> None:
         raise ConfigError(f"model.vocab_size: expected a positive int (resolved from the tokenizer), "
                           f"got {cfg.vocab_size!r}")
     resolved_dims(cfg)
+    if cfg.global_every and cfg.sliding_window is None:
+        raise ConfigError(f"model.global_every: needs model.sliding_window (local layers), got "
+                          f"global_every={cfg.global_every} with sliding_window null")
+
+
+def is_local_layer(cfg: ModelConfig, i: int) -> bool:
+    """Whether layer i attends within the sliding window (else to the whole prefix)."""
+    if cfg.sliding_window is None:
+        return False
+    return cfg.global_every == 0 or (i + 1) % cfg.global_every != 0
 
 
 class KVCache:
@@ -84,32 +100,23 @@ class KVCache:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """x / rms(x) * w, or * (1 + w) with unit_offset (Gemma stores the offset-free weight)."""
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.unit_offset = unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        (nn.init.zeros_ if self.unit_offset else nn.init.ones_)(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The mean of squares over d terms loses too many digits in bf16, so it runs in fp32.
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
-
-
-def rope_tables(head_dim: int, max_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [max_len, head_dim] in fp32, frequencies repeated over the two halves (HF layout)."""
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + d/2) of x [B, heads, T, d] by the angles in cos/sin [T, d]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    # Tables are fp32; casting them (not x) keeps bf16 activations bf16 instead of promoting.
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+        w = self.weight.float()
+        return (y * (1.0 + w if self.unit_offset else w)).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -117,14 +124,17 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.n_kv_heads, self.head_dim, _ = resolved_dims(cfg)
-        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        bias = cfg.attention_bias
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * self.head_dim, bias=bias)
+        self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=bias)
+        self.wv = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
         # QK-norm bounds attention logits, which otherwise can grow until softmax saturates
         # (Dehghani et al. 2023; used by OLMo2 and Qwen3).
-        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_unit_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_unit_offset) if cfg.qk_norm else None
+        # None lets SDPA use its default 1/sqrt(head_dim), bit for bit as before.
+        self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
@@ -141,34 +151,42 @@ class Attention(nn.Module):
         # enable_gqa lets SDPA broadcast kv heads itself: on CPU the flash kernel then saves k/v at
         # n_kv_heads width and runs faster than materialising repeat_interleave copies.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                             enable_gqa=self.n_kv_heads != self.n_heads)
+                                             scale=self.scale, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
 class FeedForward(nn.Module):
-    """SwiGLU (Shazeer 2020): w2(silu(w1 x) * w3 x)."""
+    """Gated MLP (Shazeer 2020): w2(act(w1 x) * w3 x); SwiGLU with silu, GeGLU with tanh-GELU."""
 
-    def __init__(self, d_model: int, ffn_dim: int):
+    def __init__(self, d_model: int, ffn_dim: int, activation: str = "silu"):
         super().__init__()
         self.w1 = nn.Linear(d_model, ffn_dim, bias=False)
         self.w2 = nn.Linear(ffn_dim, d_model, bias=False)
         self.w3 = nn.Linear(d_model, ffn_dim, bias=False)
+        self.gelu = activation == "gelu_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate = F.gelu(self.w1(x), approximate="tanh") if self.gelu else F.silu(self.w1(x))
+        return self.w2(gate * self.w3(x))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        norm = lambda: RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_unit_offset)  # noqa: E731
+        self.attention_norm = norm()
         self.attention = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg.d_model, resolved_dims(cfg)[2])
+        self.ffn_norm = norm()
+        self.feed_forward = FeedForward(cfg.d_model, resolved_dims(cfg)[2], cfg.mlp_activation)
+        # Sandwich norms (Gemma 2/3) normalise each branch's output before the residual add.
+        self.post_attention_norm = norm() if cfg.post_norms else None
+        self.post_ffn_norm = norm() if cfg.post_norms else None
 
     def forward(self, h, cos, sin, mask, cache, layer):
-        h = h + self.attention(self.attention_norm(h), cos, sin, mask, cache, layer)
-        return h + self.feed_forward(self.ffn_norm(h))
+        a = self.attention(self.attention_norm(h), cos, sin, mask, cache, layer)
+        h = h + (a if self.post_attention_norm is None else self.post_attention_norm(a))
+        f = self.feed_forward(self.ffn_norm(h))
+        return h + (f if self.post_ffn_norm is None else self.post_ffn_norm(f))
 
 
 class Transformer(nn.Module):
@@ -179,14 +197,19 @@ class Transformer(nn.Module):
         self.n_kv_heads, self.head_dim, self.ffn_dim = resolved_dims(cfg)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_unit_offset)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # Derived from the config, so not part of the state dict (checkpoints stay portable).
-        cos, sin = rope_tables(self.head_dim, cfg.max_seq_len, cfg.rope_base)
+        cos, sin = rope_tables(self.head_dim, cfg.max_seq_len, cfg.rope_base, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.local = [is_local_layer(cfg, i) for i in range(cfg.n_layers)]
+        if cfg.rope_local_base is not None:  # local layers rotate with their own base, unscaled (Gemma 3)
+            cos, sin = rope_tables(self.head_dim, cfg.max_seq_len, cfg.rope_local_base)
+            self.register_buffer("rope_local_cos", cos, persistent=False)
+            self.register_buffer("rope_local_sin", sin, persistent=False)
         self.init_weights()
 
     @torch.no_grad()
@@ -200,13 +223,15 @@ class Transformer(nn.Module):
             for lin in (layer.attention.wq, layer.attention.wk, layer.attention.wv,
                         layer.feed_forward.w1, layer.feed_forward.w3):
                 nn.init.normal_(lin.weight, 0.0, std, generator=generator)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
             for lin in (layer.attention.wo, layer.feed_forward.w2):
                 nn.init.normal_(lin.weight, 0.0, out_std, generator=generator)
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.output.weight, 0.0, std, generator=generator)
         for module in self.modules():
             if isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+                module.reset_parameters()
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, vocab_size] in the compute dtype (the objective computes
@@ -224,9 +249,24 @@ class Transformer(nn.Module):
             # Query i (absolute position start + i) sees keys 0 .. start + i: is_causal would
             # align the triangle to the top-left and hide the cached prefix.
             mask = torch.ones(T, start + T, dtype=torch.bool, device=tokens.device).tril(diagonal=start)
+        local_mask, local_cos, local_sin = mask, cos, sin
+        window = self.cfg.sliding_window
+        if any(self.local) and start + T > window:
+            # Key j is visible from query position q when q - window < j <= q (HF's convention).
+            q = torch.arange(start, start + T, device=tokens.device)[:, None]
+            j = torch.arange(start + T, device=tokens.device)[None, :]
+            local_mask = (j <= q) & (j > q - window)
+        if self.cfg.rope_local_base is not None:
+            local_cos, local_sin = self.rope_local_cos[start:start + T], self.rope_local_sin[start:start + T]
         h = self.tok_embeddings(tokens)
+        if self.cfg.scale_embeddings:
+            # Gemma rounds sqrt(d) to the compute dtype before multiplying; so do we.
+            h = h * torch.tensor(self.cfg.d_model ** 0.5, dtype=h.dtype, device=h.device)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, cache, i)
+            if self.local[i]:
+                h = layer(h, local_cos, local_sin, local_mask, cache, i)
+            else:
+                h = layer(h, cos, sin, mask, cache, i)
         if cache is not None:
             cache.pos += T
         return self.output(self.norm(h))
