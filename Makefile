@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench docs clean
+.PHONY: demo test test-fast bench experiments docs clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/throughput.py
+	$(PY) bench/precision.py
+
+# The precision experiments (each <= 10 min on 2 CPU cores); results land in experiments/results/.
+experiments: $(STAMP)
+	$(PY) -m pip install -q -e '.[test,experiments]'
+	cd experiments && for e in fp16_loss_scaling bf16_pure fp8_scaling ternary_transition; do ../$(PY) $$e.py || exit 1; done
 
 docs: $(STAMP)
 	$(VENV)/bin/stagewise docs-config > docs/config.md
