@@ -514,3 +514,21 @@ def test_bf16_pure_sr_kahan_end_to_end_resumes_bitwise(e2e):
                                 "--precision.kahan=true")
     assert "lost_update_frac" in rows[2] and rows[-1]["loss"] < rows[0]["loss"]
     assert json.loads((e2e[0] / "runs" / "bf16p-ref" / "final" / "config.json").read_text())
+
+
+def test_fp8_telemetry_reports_per_layer_amax_and_current_scale():
+    # One fp8 linear fed a known input: current scaling must report amax = max|x| and
+    # scale = 448 / amax (e4m3's largest value over the tensor's amax).
+    from stagewise.config.schema import FP8Config
+
+    model, prec, opt = _tiny("fp8", fp8=FP8Config(scaling="current"), telemetry_every=1)
+    wq = dict(model.named_modules())["layers.0.attention.wq"]
+    wq_amax = float(wq.weight.detach().abs().max())  # the forward casts the weight before the update
+    train_step(model, opt, prec, OBJECTIVES["causal-lm"], _batches(1), 1e-2, 1.0)
+    layers = prec.metrics()["fp8_layers"]
+    assert set(layers) == set(prec.swapped)
+    for name, t in layers.items():
+        assert t["input_scale"] == pytest.approx(448.0 / t["input_amax"], rel=1e-6), name
+        assert t["weight_scale"] == pytest.approx(448.0 / t["weight_amax"], rel=1e-6), name
+        assert t["grad_scale"] == pytest.approx(57344.0 / t["grad_amax"], rel=1e-6), name
+    assert layers["layers.0.attention.wq"]["weight_amax"] == pytest.approx(wq_amax, rel=1e-6)

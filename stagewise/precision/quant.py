@@ -89,6 +89,9 @@ class FP8Mixed(_Swapped):
         for role, (sat, under, n) in tot.items():
             out[f"fp8_{role}_saturated_frac"] = sat / max(n, 1)
             out[f"fp8_{role}_underflow_frac"] = under / max(n, 1)
+        # Per layer: the amax each cast saw and the scale it used (scale * amax <= the format's max).
+        out["fp8_layers"] = {name: {k.replace(".", "_"): v for k, v in m.telemetry().items()
+                                    if k.endswith((".amax", ".scale"))} for name, m in self._modules.items()}
         return out
 
     def state_dict(self):
