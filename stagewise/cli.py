@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("ckpt", help="run directory, checkpoint directory or exported model directory")
     ev.add_argument("--data", default=None,
                     help="what to evaluate on: a prepared dataset directory (uses --split), a built-in corpus "
-                    "(python-stdlib, shakespeare), or a text/JSONL/Parquet file or directory, tokenized with the "
+                    "(python-stdlib, shakespeare, python-docs), or a text/JSONL/Parquet file or directory, tokenized with the "
                     "model's tokenizer. Default: the run's own validation split.")
     ev.add_argument("--split", choices=["val", "train"], default="val",
                     help="split of a prepared dataset (default val)")
@@ -129,13 +129,22 @@ def build_parser() -> argparse.ArgumentParser:
                          "--source options.")
     dp.add_argument("recipe", nargs="?", help="take the data section of this recipe")
     dp.add_argument("--source", action="append", default=[], metavar="KIND[:PATH]",
-                    help="a source, repeatable: python-stdlib, shakespeare, text:PATH, jsonl:PATH, parquet:PATH")
+                    help="a source, repeatable: python-stdlib, shakespeare, python-docs, text:PATH, jsonl:PATH, parquet:PATH")
     dp.add_argument("--field", default="text", help="JSONL/Parquet text field (default text)")
     dp.add_argument("--tokenizer", default=None, help="use this existing tokenizer.json instead of training one")
     dp.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size to train (default 8192)")
     dp.add_argument("--val-fraction", type=float, default=None,
                     help="fraction of documents held out for validation (default 0.02)")
     dp.add_argument("--out", required=True, help="output dataset directory (must not exist)")
+
+    rp = sub.add_parser("report", help="write an offline HTML report of a run (loss, LR, stages, forgetting)",
+                        description="Write RUN_DIR/report/index.html with PNG figures beside it: run summary, "
+                        "training loss, learning rate and, for multi-stage runs, per-domain validation loss with "
+                        "stage boundaries, mixture/replay proportions, the forgetting matrix and the stability "
+                        "gap. Needs matplotlib (pip install 'stagewise[experiments]'); the page loads nothing "
+                        "from the network. See docs/report.md.")
+    rp.add_argument("run_dir", help="a run directory created by `stagewise run` (needs metrics.jsonl)")
+    rp.add_argument("--out", default=None, help="output directory (default RUN_DIR/report; files in it are replaced)")
 
     sub.add_parser("docs-config", help="print the recipe reference (Markdown) generated from the schema")
     return p

@@ -26,16 +26,18 @@ def cmd_run(args, extra) -> int:
     from stagewise.config.loader import load_recipe
 
     cfg = load_recipe(args.recipe, _overrides(extra))
-    from stagewise.train.trainer import train  # after validation: a bad recipe fails fast
+    from stagewise.train.stages import train_stages  # after validation: a bad recipe fails fast
+    from stagewise.train.trainer import train
 
-    train(cfg, log=_log)
+    (train_stages if cfg.stages else train)(cfg, log=_log)
     return 0
 
 
 def cmd_resume(args, extra) -> int:
+    from stagewise.train.stages import is_staged, resume_stages
     from stagewise.train.trainer import resume
 
-    resume(args.run_dir, log=_log)
+    (resume_stages if is_staged(args.run_dir) else resume)(args.run_dir, log=_log)
     return 0
 
 
@@ -86,8 +88,13 @@ def cmd_plan(args, extra) -> int:
     print(f"  in matmuls (N):    {counts['matmul']:>14,}  (output head counted even when tied)")
     print(f"FLOPs per token:     {fpt:>14,}  (6*N + 12*layers*heads*head_dim*seq_len)")
     print(f"tokens per step:     {tokens_per_step:>14,}  (batch {B} x seq {T} x accum {A})")
-    total_tokens = tokens_per_step * cfg.train.steps
-    print(f"tokens in run:       {total_tokens:>14,}  ({cfg.train.steps} steps; "
+    steps = cfg.train.steps
+    if cfg.stages:  # budgets per stage; an infinite schedule's cooldown may end a stage earlier
+        from stagewise.train.stages import stage_steps
+
+        steps = sum(stage_steps(cfg, i) for i in range(len(cfg.stages)))
+    total_tokens = tokens_per_step * steps
+    print(f"tokens in run:       {total_tokens:>14,}  ({steps} steps; "
           f"{total_tokens / max(counts['total'], 1):.1f} tokens/param)")
     print(f"FLOPs in run:        {fpt * total_tokens:>14.3e}")
     print(f"\n# bytes per parameter ({cfg.precision.mode})")
@@ -155,11 +162,11 @@ def _eval_tokens(args, tok, run_meta_dir: Path):
     if (p / "manifest.json").is_file():
         ds = open_dataset(p, expect_tokenizer_sha=tok.sha256)
         return (ds.val if args.split == "val" else ds.train), f"{p} ({args.split} split)"
-    if spec in ("python-stdlib", "shakespeare"):
+    if spec in ("python-stdlib", "shakespeare", "python-docs"):
         src = SourceConfig(kind=spec)
     elif not p.exists():
         raise DataError(f"--data: {spec} is not a prepared dataset, a built-in corpus (python-stdlib, "
-                        "shakespeare) or an existing file/directory")
+                        "shakespeare, python-docs) or an existing file/directory")
     else:
         kind = "jsonl" if p.suffix == ".jsonl" else "parquet" if p.suffix == ".parquet" else "text"
         if p.is_dir() and any(p.rglob("*.jsonl")):
@@ -244,9 +251,9 @@ def _parse_source(text: str, field: str):
     from stagewise.config.schema import SourceConfig
 
     kind, _, path = text.partition(":")
-    valid = ("python-stdlib", "shakespeare", "text", "jsonl", "parquet")
+    valid = ("python-stdlib", "shakespeare", "python-docs", "text", "jsonl", "parquet")
     if kind not in valid:
-        raise ConfigError(f"--source {text!r}: expected one of python-stdlib, shakespeare, text:PATH, "
+        raise ConfigError(f"--source {text!r}: expected one of python-stdlib, shakespeare, python-docs, text:PATH, "
                           "jsonl:PATH, parquet:PATH")
     if kind in ("text", "jsonl", "parquet") and not path:
         raise ConfigError(f"--source {text!r}: {kind} needs a path, e.g. {kind}:/data/corpus")
@@ -281,6 +288,13 @@ def cmd_data(args, extra) -> int:
         raise ConfigError(f"--out {out}: already exists; choose a new directory")
     prepare_dataset(data, out, log=_log)
     print(f"prepared {out}  (use it with --data.prepared={out})")
+    return 0
+
+
+def cmd_report(args, extra) -> int:
+    from stagewise.report import write_report
+
+    print(f"report: {write_report(args.run_dir, args.out)}")
     return 0
 
 

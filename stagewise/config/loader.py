@@ -108,6 +108,8 @@ def from_dict(cls, data: Any, path: str = ""):
         raise ConfigError(f"{path or 'recipe'}: expected a mapping, got {_kind(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    if cls is RunConfig:
+        data = _inherit_stage_sections(data)
     for key in data:
         if key not in fields:
             where = f"{path}.{key}" if path else str(key)
@@ -121,6 +123,24 @@ def from_dict(cls, data: Any, path: str = ""):
     if cls is RunConfig:
         check_consistency(obj)
     return obj
+
+
+def _inherit_stage_sections(data: dict) -> dict:
+    """A stage's schedule/optim start from the recipe's sections, key by key (idempotent, so a
+    dumped config.yaml, whose stages are complete, reads back the same)."""
+    stages = data.get("stages")
+    if not isinstance(stages, list):
+        return data
+    merged = []
+    for stage in stages:
+        if isinstance(stage, dict):
+            stage = dict(stage)
+            for key in ("schedule", "optim"):
+                top, own = data.get(key) or {}, stage.get(key) or {}
+                if isinstance(top, dict) and isinstance(own, dict):
+                    stage[key] = {**top, **own}
+        merged.append(stage)
+    return {**data, "stages": merged}
 
 
 def _convert(tp, value, where: str, meta) -> Any:
@@ -214,12 +234,14 @@ def check_consistency(cfg: RunConfig) -> None:
         raise ConfigError(f"model.head_dim: expected an even number (RoPE rotates pairs), got {head_dim}")
     if cfg.data.seq_len > m.max_seq_len and not cfg.init_from:  # init_from's own limit is checked by the trainer
         raise ConfigError(f"data.seq_len: expected <= model.max_seq_len={m.max_seq_len}, got {cfg.data.seq_len}")
-    if not cfg.data.sources and not cfg.data.prepared:
+    if cfg.stages:
+        _check_stages(cfg)
+    elif not cfg.data.sources and not cfg.data.prepared:
         raise ConfigError("data.sources: expected at least one source (or set data.prepared to a prepared dataset)")
     for i, src in enumerate(cfg.data.sources):
         if src.kind in ("text", "jsonl", "parquet") and not src.path:
             raise ConfigError(f"data.sources[{i}].path: required for kind {src.kind}")
-    if cfg.schedule.warmup_steps > cfg.train.steps:
+    if not cfg.stages and cfg.schedule.warmup_steps > cfg.train.steps:
         raise ConfigError(f"schedule.warmup_steps: expected <= train.steps={cfg.train.steps}, "
                           f"got {cfg.schedule.warmup_steps}")
     if cfg.model.vocab_size is not None and cfg.data.tokenizer.path is None and not cfg.data.prepared \
@@ -233,9 +255,55 @@ def check_consistency(cfg: RunConfig) -> None:
     _check_precision(cfg)
 
 
+def _check_stages(cfg: RunConfig) -> None:
+    if cfg.data.sources or cfg.data.prepared:
+        raise ConfigError("data.sources: expected none with stages (each stage lists its mixture), "
+                          f"got {len(cfg.data.sources) or 'data.prepared'}")
+    if cfg.precision.schedule:
+        raise ConfigError("precision.schedule: not supported with stages (give each stage its precision)")
+    if cfg.init_from:
+        raise ConfigError("init_from: with stages, set stages[0].init_from instead")
+    names, domains = set(), {}
+    for i, st in enumerate(cfg.stages):
+        where = f"stages[{i}]"
+        if not re.fullmatch(r"[\w.\-]+", st.name) or st.name in names:
+            raise ConfigError(f"{where}.name: expected a unique name of letters, digits, '.', '_' or '-', "
+                              f"got {_show(st.name)}")
+        names.add(st.name)
+        if (st.steps is None) == (st.tokens is None):
+            raise ConfigError(f"{where}: expected exactly one of steps or tokens")
+        if not st.mixture or not any(d.weight > 0 for d in st.mixture):
+            raise ConfigError(f"{where}.mixture: expected at least one domain with weight > 0")
+        if i == 0 and st.replay > 0:
+            raise ConfigError(f"{where}.replay: expected 0 (the first stage has no earlier data), got {st.replay:g}")
+        for j, d in enumerate(st.mixture):
+            dw = f"{where}.mixture[{j}]"
+            if not re.fullmatch(r"[\w.\-]+", d.name):
+                raise ConfigError(f"{dw}.name: expected letters, digits, '.', '_' or '-', got {_show(d.name)}")
+            if d.source.kind in ("text", "jsonl", "parquet") and not d.source.path:
+                raise ConfigError(f"{dw}.source.path: required for kind {d.source.kind}")
+            if domains.setdefault(d.name, d.source) != d.source:
+                raise ConfigError(f"{dw}.source: domain {d.name!r} already has another source in an earlier "
+                                  "stage (one name, one source)")
+        if len({d.name for d in st.mixture}) != len(st.mixture):
+            raise ConfigError(f"{where}.mixture: domain names must be unique within a stage")
+        trained_before = {d.name for s in cfg.stages[:i] for d in s.mixture if d.weight > 0}
+        if st.replay > 0 and not trained_before - {d.name for d in st.mixture}:
+            raise ConfigError(f"{where}.replay: no earlier domain outside this stage's mixture to replay; "
+                              f"expected 0, got {st.replay:g}")
+        sch = st.schedule
+        steps = st.steps or -(-st.tokens // (cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len))
+        if sch.warmup_steps > steps:
+            raise ConfigError(f"{where}.schedule.warmup_steps: expected <= the stage's {steps} steps, "
+                              f"got {sch.warmup_steps}")
+        if sch.cooldown_at_step is not None and sch.name != "infinite":
+            raise ConfigError(f"{where}.schedule.cooldown_at_step: only applies to schedule.name=infinite, "
+                              f"got {sch.name}")
+
+
 def _check_precision(cfg: RunConfig) -> None:
     p = cfg.precision
-    modes = [p.mode] + [s.mode for s in p.schedule]
+    modes = [p.mode] + [s.mode for s in p.schedule] + [s.precision for s in cfg.stages if s.precision]
     shown = "mode " + ", ".join(dict.fromkeys(modes))
     for flag in ("stochastic_rounding", "kahan"):
         if getattr(p, flag) and "bf16-pure" not in modes:

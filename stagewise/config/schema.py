@@ -84,7 +84,8 @@ class ModelConfig:
 
 @dataclass
 class SourceConfig:
-    kind: str = opt("text", "Source type.", choices=["text", "jsonl", "parquet", "python-stdlib", "shakespeare"])
+    kind: str = opt("text", "Source type.", choices=["text", "jsonl", "parquet", "python-stdlib", "shakespeare",
+                                                           "python-docs"])
     path: Optional[str] = opt(None, "File or directory (text, jsonl, parquet). Not used by built-in corpora.")
     glob: Optional[str] = opt(None, "Filename pattern inside a directory, e.g. '*.md'; null takes every file of the kind.")
     field: str = opt("text", "JSONL/Parquet field (column) holding the document text.")
@@ -123,10 +124,16 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = opt("cosine", "LR schedule after warmup.", choices=["cosine", "linear", "wsd", "constant"])
+    name: str = opt("cosine", "LR schedule after warmup; infinite is constant until a cooldown is triggered "
+                    "(docs/continual.md).", choices=["cosine", "linear", "wsd", "constant", "infinite"])
     warmup_steps: int = opt(100, "Linear warmup from 0 to the peak LR over this many steps.", ge=0)
     min_lr_ratio: float = opt(0.1, "Final LR as a fraction of the peak (cosine, linear, wsd).", ge=0, le=1)
     decay_fraction: float = opt(0.2, "WSD only: fraction of all steps spent in the final linear decay.", gt=0, le=1)
+    cooldown_steps: int = opt(100, "infinite only: steps of the linear cooldown from the peak to min_lr_ratio*peak.",
+                              gt=0)
+    cooldown_at_step: Optional[int] = opt(
+        None, "infinite only: start the cooldown after this many steps (of the stage, in a staged recipe); null: "
+        "only when the file RUN_DIR/COOLDOWN appears (staged recipes) or never.", ge=0)
 
 
 @dataclass
@@ -234,6 +241,37 @@ class SampleConfig:
 
 
 @dataclass
+class DomainConfig:
+    name: str = opt("", "Domain name: the metrics keys val_loss/<name> and mix/<name>, and forgetting.json.")
+    weight: float = opt(1.0, "Mixture weight within the stage (normalised over the stage's domains); 0 makes "
+                        "the domain validation-only.", ge=0)
+    source: SourceConfig = opt(SourceConfig, "Where the domain's documents come from (one source, prepared "
+                               "as its own dataset with the run's one tokenizer).")
+
+
+@dataclass
+class StageConfig:
+    name: str = opt("", "Stage name (forgetting.json, logs, RUN_DIR/stages/<name>/).")
+    steps: Optional[int] = opt(None, "Optimizer steps of this stage (set steps or tokens).", gt=0)
+    tokens: Optional[int] = opt(None, "Token budget of this stage, rounded up to whole steps (set steps or tokens).",
+                                gt=0)
+    mixture: list[DomainConfig] = opt([], "The stage's data domains and their weights.")
+    replay: float = opt(0.0, "Fraction of every batch drawn from the domains of earlier stages that this stage "
+                        "does not train on (split evenly among them).", ge=0, lt=1)
+    schedule: ScheduleConfig = opt(ScheduleConfig, "The stage's LR schedule over its own steps (re-warming, "
+                                   "re-decaying); keys not given take the recipe's schedule section.")
+    optim: OptimConfig = opt(OptimConfig, "The stage's optimizer settings; keys not given take the recipe's optim "
+                             "section.")
+    precision: Optional[str] = opt(None, "precision.mode of this stage; null keeps precision.mode.",
+                                   choices=PRECISION_MODES)
+    optimizer_state: str = opt("keep", "At the start of the stage keep AdamW's moments and step counts from the "
+                               "previous stage, or reset them (ignored by the first stage and with init_from).",
+                               choices=["keep", "reset"])
+    init_from: Optional[str] = opt(None, "Start the stage from the weights of this stagewise run, checkpoint or "
+                                   "exported model instead of the previous stage's final checkpoint.")
+
+
+@dataclass
 class RunConfig:
     name: str = opt("run", "Run name; the run directory is out_dir/name.")
     out_dir: str = opt("runs", "Parent directory of run directories.")
@@ -254,3 +292,6 @@ class RunConfig:
     checkpoint: CheckpointConfig = opt(CheckpointConfig, "Checkpointing.")
     log: LogConfig = opt(LogConfig, "Progress display.")
     sample: SampleConfig = opt(SampleConfig, "Samples printed at the end of training.")
+    stages: list[StageConfig] = opt(
+        [], "Continual pre-training (docs/continual.md): stages run in order, each from the previous one's final "
+        "checkpoint; train.steps, data.sources and schedule/optim then come from the stages.")

