@@ -9,7 +9,7 @@ and linear inputs (int8 per token) with a straight-through estimator.
 
 from __future__ import annotations
 
-from _common import figure, final_val, run, smooth, write_table
+from _common import figure, final_val, run, write_table
 
 EXP = "ternary_transition"
 STEPS = 400

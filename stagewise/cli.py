@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
-from pathlib import Path
 
 from stagewise.errors import StagewiseError
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 from stagewise import rundir
 from stagewise.checkpoint import export_safetensors, latest_checkpoint
 from stagewise.checkpoint.store import read_train_record
-from stagewise.config.loader import dump_yaml, from_dict, read_yaml
+from stagewise.config.loader import dump_yaml, read_yaml
 from stagewise.config.schema import ModelConfig, RunConfig
 from stagewise.data import SequenceSampler, Tokenizer, eval_batches, open_dataset, resolve_dataset
 from stagewise.data.mixture import MixtureSampler
@@ -35,7 +34,7 @@ from stagewise.eval.forgetting import forgetting_report
 from stagewise.objectives import Batch
 from stagewise.optim import lr_at
 from stagewise.train.metrics import read_metrics
-from stagewise.train.trainer import _finish, _fit, pick_device, resolve_model_config
+from stagewise.train.trainer import _finish, _fit, load_run, pick_device, resolve_model_config
 
 COOLDOWN_FILE = "COOLDOWN"
 FORGETTING = "forgetting.json"
@@ -216,15 +215,7 @@ def train_stages(cfg: RunConfig, log=print) -> Path:
 
 def resume_stages(run_dir: str | Path, log=print) -> Path:
     run_dir = Path(run_dir)
-    cfg = from_dict(RunConfig, read_yaml(run_dir / rundir.CONFIG))
-    mcfg = from_dict(ModelConfig, json.loads((run_dir / rundir.MODEL_CONFIG).read_text()), "model")
-    info = json.loads((run_dir / rundir.RUN_INFO).read_text())
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if info.get("threads") != torch.get_num_threads():
-        log(f"warning: this run used {info.get('threads')} threads, now {torch.get_num_threads()}; "
-            "results stay correct but are not bitwise identical to an uninterrupted run")
-    device = pick_device(cfg.device)
+    cfg, mcfg, info, device = load_run(run_dir, log)
     sha = Tokenizer.load(run_dir / rundir.TOKENIZER).sha256
     datasets = {n: open_dataset(Path(p), expect_tokenizer_sha=sha) for n, p in info["domains"].items()}
     ckpt = latest_checkpoint(run_dir / rundir.CHECKPOINTS)

@@ -142,12 +142,11 @@ def train(cfg: RunConfig, log=print) -> Path:
     return run_dir
 
 
-def resume(run_dir: str | Path, log=print) -> Path:
-    run_dir = Path(run_dir)
+def load_run(run_dir: Path, log) -> tuple[RunConfig, ModelConfig, dict, torch.device]:
+    """(config, model config, run_info, device) of an existing run, with its thread count restored."""
     if not (run_dir / rundir.CONFIG).is_file():
         raise CheckpointError(f"{run_dir}: not a stagewise run directory (no {rundir.CONFIG})")
     cfg = from_dict(RunConfig, read_yaml(run_dir / rundir.CONFIG))
-    assert not cfg.stages, "staged runs resume through stagewise.train.stages.resume_stages"
     mcfg = from_dict(ModelConfig, json.loads((run_dir / rundir.MODEL_CONFIG).read_text()), "model")
     info = json.loads((run_dir / rundir.RUN_INFO).read_text())
     if cfg.threads:
@@ -155,7 +154,13 @@ def resume(run_dir: str | Path, log=print) -> Path:
     if info.get("threads") != torch.get_num_threads():
         log(f"warning: this run used {info.get('threads')} threads, now {torch.get_num_threads()}; "
             "results stay correct but are not bitwise identical to an uninterrupted run")
-    device = pick_device(cfg.device)
+    return cfg, mcfg, info, pick_device(cfg.device)
+
+
+def resume(run_dir: str | Path, log=print) -> Path:
+    run_dir = Path(run_dir)
+    cfg, mcfg, info, device = load_run(run_dir, log)
+    assert not cfg.stages, "staged runs resume through stagewise.train.stages.resume_stages"
     run_tokenizer = Tokenizer.load(run_dir / rundir.TOKENIZER)
     dataset = open_dataset(Path(info["dataset"]), expect_tokenizer_sha=run_tokenizer.sha256)
     ckpt = latest_checkpoint(run_dir / rundir.CHECKPOINTS)
