@@ -37,10 +37,10 @@ bench: $(STAMP)
 	$(PY) bench/throughput.py
 	$(PY) bench/precision.py
 
-# The precision experiments (each <= 10 min on 2 CPU cores); results land in experiments/results/.
+# The precision and continual pre-training experiments (each <= 10 min on 2 CPU cores); results land in experiments/results/.
 experiments: $(STAMP)
 	$(PY) -m pip install -q -e '.[test,experiments]'
-	cd experiments && for e in fp16_loss_scaling bf16_pure fp8_scaling ternary_transition; do ../$(PY) $$e.py || exit 1; done
+	cd experiments && for e in fp16_loss_scaling bf16_pure fp8_scaling ternary_transition cpt_rewarm cpt_replay; do ../$(PY) $$e.py || exit 1; done
 
 docs: $(STAMP)
 	$(VENV)/bin/stagewise docs-config > docs/config.md

@@ -16,7 +16,7 @@ REPO = HERE.parent
 RESULTS = HERE / "results"
 
 
-def run(experiment: str, name: str, *overrides: str) -> list[dict]:
+def run(experiment: str, name: str, *overrides: str, base: str = "base.yaml") -> list[dict]:
     """Train one configuration; returns its metrics.jsonl records."""
     out = HERE / "runs" / experiment
     done = out / name / "final" / "model.safetensors"
@@ -24,7 +24,7 @@ def run(experiment: str, name: str, *overrides: str) -> list[dict]:
         return [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
     shutil.rmtree(out / name, ignore_errors=True)
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "stagewise", "run", str(HERE / "base.yaml"), f"--name={name}",
+    cmd = [sys.executable, "-m", "stagewise", "run", str(HERE / base), f"--name={name}",
            f"--out_dir={out}", f"--data.cache_dir={HERE / '.cache'}", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ))
     if proc.returncode != 0:
