@@ -48,7 +48,7 @@ def child(mode: str, a) -> dict:
     train_step(model, opt, precision, causal_lm_loss, batch, 1e-4, 1.0)
     t0 = time.perf_counter()
     for _ in range(a.steps):
-        loss = train_step(model, opt, precision, causal_lm_loss, batch, 1e-4, 1.0).loss
+        loss = float(train_step(model, opt, precision, causal_lm_loss, batch, 1e-4, 1.0).loss)
     dt = time.perf_counter() - t0
     return {"mode": mode, "tokens_per_s": a.batch * a.seq * a.steps / dt, "peak_rss_bytes":
             peak_memory_bytes(device), "loss": loss}

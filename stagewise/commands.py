@@ -77,7 +77,7 @@ def cmd_plan(args, extra) -> int:
     fpt = flops_per_token(mcfg, T)
     mem = estimate_memory(mcfg, B, T, param_bytes=prec.param_bytes + prec.master_bytes, grad_bytes=prec.grad_bytes,
                           optim_bytes_per_param=optim_bytes,
-                          act_bytes=prec.compute_dtype.itemsize)
+                          act_bytes=prec.compute_dtype.itemsize, fused_loss=prec.fused_loss)
     tokens_per_step = B * T * A
     print("# resolved config")
     print(dump_yaml(cfg).rstrip())

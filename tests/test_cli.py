@@ -134,12 +134,15 @@ def test_help_explains_every_option():
     assert "--vocab-size" in run_cli("data", "prepare", "--help").stdout
 
 
-def test_compiled_run_matches_eager(tmp_path, corpus_dir, data_cache):
+@pytest.mark.parametrize("mode", ["bf16-mixed"])
+def test_compiled_run_matches_eager(tmp_path, corpus_dir, data_cache, mode):
+    """train.compile (regionally compiled blocks) changes speed, not numerics: 50 steps within 1e-3."""
     recipe = tiny_recipe(tmp_path / "tiny.yaml", corpus_dir, data_cache, tmp_path / "runs")
     for name, compile_ in (("eager", "false"), ("compiled", "true")):
-        run_cli("run", recipe, f"--name={name}", f"--train.compile={compile_}", "--train.steps=8",
-                "--checkpoint.every=0", "--eval.every=0", "--sample.prompts=[]")
+        run_cli("run", recipe, f"--name={name}", f"--train.compile={compile_}", "--train.steps=50",
+                f"--precision.mode={mode}", "--checkpoint.every=0", "--eval.every=0", "--sample.prompts=[]")
     eager, compiled = (read_metrics(tmp_path / "runs" / n / "metrics.jsonl") for n in ("eager", "compiled"))
-    assert len(eager) == len(compiled) == 8
+    assert len(eager) == len(compiled) == 50
+    assert eager[-1]["loss"] < eager[0]["loss"] - 0.5  # it trained
     for a, b in zip(eager, compiled):
-        assert abs(a["loss"] - b["loss"]) < 1e-3
+        assert abs(a["loss"] - b["loss"]) < 1e-3, (a["step"], a["loss"], b["loss"])

@@ -215,3 +215,72 @@ def test_activation_estimate_matches_saved_tensors(autocast, tie, qk_norm):
     n = param_counts(cfg)["total"]
     assert (estimate["params"], estimate["grads"], estimate["optimizer"]) == (4 * n, 4 * n, 8 * n)
     assert estimate["total"] == sum(v for k, v in estimate.items() if k != "total")
+
+
+def _reference_loss_and_grads(model, tokens, targets, autocast):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(tokens)
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                             ignore_index=-100, reduction="sum")
+    (loss / 100).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("tie", [True, False])
+def test_fused_loss_matches_logits_cross_entropy(autocast, tie):
+    """forward(targets=) chunks the head + loss (model/loss.py). In fp32 it equals materialising the
+    logits to rounding; under bf16 autocast it is no further from the fp32 result than the
+    logits path itself is."""
+    from stagewise.model import loss as fused
+
+    cfg = replace(TINY, tie_embeddings=tie)
+    model = build(cfg)
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, cfg.vocab_size, (3, 40), generator=g)
+    targets = torch.randint(0, cfg.vocab_size, (3, 40), generator=g)
+    targets[0, :7] = -100  # ignored rows, inside and across chunk boundaries
+    targets[2, 30:] = -100
+    true_loss, true_grads = _reference_loss_and_grads(model, tokens, targets, autocast=False)
+    ref_loss, ref_grads = _reference_loss_and_grads(model, tokens, targets, autocast)
+
+    def dist(grads, n):
+        return ((grads[n] - true_grads[n]).norm() / true_grads[n].norm()).item()
+
+    for chunk in (7, 120, None):  # several chunks with a ragged last one; one chunk; the default
+        original = fused.chunk_rows
+        fused.chunk_rows = (lambda v, c=chunk: c) if chunk else original
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = model(tokens, targets=targets)
+        finally:
+            fused.chunk_rows = original
+        (loss / 100).backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        assert loss.dtype == torch.float32 and loss.ndim == 0
+        if autocast:
+            assert abs(loss.item() - true_loss.item()) <= 1.5 * abs(ref_loss.item() - true_loss.item()) + 1e-4
+            for n in grads:
+                assert dist(grads, n) <= 1.5 * dist(ref_grads, n) + 1e-3, (n, chunk, dist(grads, n),
+                                                                           dist(ref_grads, n))
+        else:
+            assert abs(loss.item() / true_loss.item() - 1) < 1e-6
+            assert all(dist(grads, n) < 1e-5 for n in grads), {n: dist(grads, n) for n in grads}
+        model.zero_grad(set_to_none=True)
+
+
+def test_fused_loss_without_grad_and_with_all_targets_ignored():
+    model = build(TINY)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 16))
+    targets = torch.randint(0, TINY.vocab_size, (2, 16))
+    with torch.no_grad():
+        a = model(tokens, targets=targets)
+        logits = model(tokens)
+    b = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+    assert torch.allclose(a, b, rtol=1e-5)
+    none = model(tokens, targets=torch.full_like(targets, -100))
+    none.backward()
+    assert none.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())

@@ -149,7 +149,7 @@ def test_fp16_emulation_survives_torch_compile():
     for compiled in (False, True):
         model, prec, opt = _tiny("fp16-mixed", telemetry_every=0)
         run = torch.compile(model) if compiled else model
-        losses.append([train_step(run, opt, prec, OBJECTIVES["causal-lm"], _batches(1, seed=i), 1e-2, 1.0).loss
+        losses.append([train_step(run, opt, prec, OBJECTIVES["causal-lm"], _batches(1, seed=i), 1e-2, 1.0).host().loss
                        for i in range(2)])
     assert losses[0][0] == losses[1][0]
     assert losses[0][1] == pytest.approx(losses[1][1], rel=1e-4)
@@ -163,7 +163,7 @@ def test_fp16_with_accumulation_and_clipping_matches_fp32_gradients():
         model, prec, _ = _tiny(mode, telemetry_every=0)
         opt = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is the clipped gradient itself
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        r = train_step(model, opt, prec, OBJECTIVES["causal-lm"], mb, 1.0, 0.05)
+        r = train_step(model, opt, prec, OBJECTIVES["causal-lm"], mb, 1.0, 0.05).host()
         res[mode] = r, {k: v - before[k] for k, v in model.state_dict().items()}
     (r32, d32), (r16, d16) = res["fp32"], res["fp16-mixed"]
     assert r16.applied and r32.grad_norm > 0.05  # clipping is active

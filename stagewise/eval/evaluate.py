@@ -29,7 +29,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Batch], precision: Precis
         with ctx:
             out = causal_lm_loss(model, batch)
         loss_sum += float(out.loss_sum)
-        count += out.num_targets
+        count += int(out.num_targets)
     model.train(was_training)
     loss = loss_sum / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}

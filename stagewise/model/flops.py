@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from stagewise.config.schema import ModelConfig
 from stagewise.model.llama import resolved_dims, validate_model_config
+from stagewise.model.loss import chunk_rows
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
@@ -46,16 +47,17 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
 
 
 def estimate_memory(cfg: ModelConfig, batch_size: int, seq_len: int, param_bytes: int = 4,
-                    grad_bytes: int = 4, optim_bytes_per_param: int = 8, act_bytes: int = 4) -> dict[str, int]:
+                    grad_bytes: int = 4, optim_bytes_per_param: int = 8, act_bytes: int = 4,
+                    fused_loss: bool = True) -> dict[str, int]:
     """Training memory in bytes. `act_bytes` is the matmul compute width: 4 for fp32, 2 under bf16
     autocast with fp32 weights (the configuration stagewise trains in).
 
     activations counts what autograd saves for this implementation (derived op by op and checked
     against torch.autograd.graph.saved_tensors_hooks in tests/test_model.py), per token:
       RMSNorm      its fp32 input, the fp32 normalised x (for the weight's grad), the fp32 rstd;
-                   its output is saved once more, at act_bytes, as the next linear's input.
-                   Under autocast each linear casts (and saves) its own copy: 3 for wq/wk/wv,
-                   2 for w1/w3
+                   its output is saved once more, at act_bytes, as the next linears' shared input
+                   (under autocast the pre-norms return the compute dtype, so wq/wk/wv and w1/w3
+                   share one copy instead of casting their own)
       attention    q and k after RoPE, v, the SDPA output (its [B,T,H,hd] layout makes wo's input a
                    view of it) at act_bytes, plus SDPA's fp32 logsumexp per head. RoPE saves no
                    activations (cos/sin need no grad), and the flash kernel saves no T x T scores;
@@ -66,8 +68,11 @@ def estimate_memory(cfg: ModelConfig, batch_size: int, seq_len: int, param_bytes
       autocast     when act_bytes != param_bytes, a low-precision copy of every matmul weight, kept
                    for the backward of the input's gradient; when act_bytes != 4, the cos/sin
                    tables cast to the compute dtype (4 per layer, seq_len x head_dim, not per row)
-    logits is the loss's side: B*T*V logits at act_bytes, the fp32 log-softmax cross-entropy saves,
-    and one fp32 gradient of the same size during backward.
+    logits is the loss's side. With fused_loss (model/loss.py, the default training path) the
+    peak of one chunk — its logits at act_bytes, fp32 log-probabilities, their gradient at
+    act_bytes — plus the stored gradients for the hidden states (act_bytes) and the head's weight
+    (fp32). Without it, B*T*V logits at act_bytes, the fp32 copy the log-softmax saves, and one
+    fp32 gradient of the same size during backward.
     """
     n_kv, hd, ffn = resolved_dims(cfg)
     counts = param_counts(cfg)
@@ -75,8 +80,7 @@ def estimate_memory(cfg: ModelConfig, batch_size: int, seq_len: int, param_bytes
     N = batch_size * seq_len
     norm = lambda width, rows=1: rows * (8 * width + 4)  # noqa: E731 - fp32 input and x*rstd, fp32 rstd
     autocast = act_bytes != param_bytes
-    norm_out_copies = 5 if autocast else 2               # see "RMSNorm" above
-    per_layer = (2 * norm(d) + norm_out_copies * a * d   # two RMSNorms and their saved outputs
+    per_layer = (2 * norm(d) + 2 * a * d                 # two RMSNorms and their saved outputs
                  + a * (2 * H + 2 * n_kv) * hd + 4 * H   # q, k, v, out; logsumexp
                  + 4 * a * ffn)                          # SwiGLU
     if cfg.qk_norm:
@@ -93,5 +97,8 @@ def estimate_memory(cfg: ModelConfig, batch_size: int, seq_len: int, param_bytes
         "activations": act,
         "logits": N * cfg.vocab_size * (a + 4 + 4),
     }
+    if fused_loss:
+        rows = min(N, chunk_rows(cfg.vocab_size))
+        out["logits"] = rows * cfg.vocab_size * (2 * a + 4) + N * d * a + cfg.vocab_size * d * 4
     out["total"] = sum(out.values())
     return out

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from stagewise.config.schema import ModelConfig
 from stagewise.errors import ConfigError
+from stagewise.model.loss import IGNORE_INDEX, linear_cross_entropy
 from stagewise.model.rope import apply_rope, rope_tables
 
 
@@ -102,10 +103,14 @@ class KVCache:
 class RMSNorm(nn.Module):
     """x / rms(x) * w, or * (1 + w) with unit_offset (Gemma stores the offset-free weight)."""
 
-    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False, feeds_matmul: bool = False):
         super().__init__()
         self.eps = eps
         self.unit_offset = unit_offset
+        # A norm whose output only feeds linear layers returns it in the autocast dtype: autocast
+        # would round it to that dtype anyway, once per consumer (wq, wk, wv; w1, w3), keeping a
+        # separate copy of each for backward. Same forward values, one copy instead of three.
+        self.feeds_matmul = feeds_matmul
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def reset_parameters(self) -> None:
@@ -116,7 +121,10 @@ class RMSNorm(nn.Module):
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         w = self.weight.float()
-        return (y * (1.0 + w if self.unit_offset else w)).to(x.dtype)
+        dtype = x.dtype
+        if self.feeds_matmul and torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        return (y * (1.0 + w if self.unit_offset else w)).to(dtype)
 
 
 class Attention(nn.Module):
@@ -173,10 +181,10 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        norm = lambda: RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_unit_offset)  # noqa: E731
-        self.attention_norm = norm()
+        norm = lambda **kw: RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_unit_offset, **kw)  # noqa: E731
+        self.attention_norm = norm(feeds_matmul=True)
         self.attention = Attention(cfg)
-        self.ffn_norm = norm()
+        self.ffn_norm = norm(feeds_matmul=True)
         self.feed_forward = FeedForward(cfg.d_model, resolved_dims(cfg)[2], cfg.mlp_activation)
         # Sandwich norms (Gemma 2/3) normalise each branch's output before the residual add.
         self.post_attention_norm = norm() if cfg.post_norms else None
@@ -197,7 +205,7 @@ class Transformer(nn.Module):
         self.n_kv_heads, self.head_dim, self.ffn_dim = resolved_dims(cfg)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_unit_offset)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_unit_offset, feeds_matmul=True)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
@@ -206,11 +214,32 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.local = [is_local_layer(cfg, i) for i in range(cfg.n_layers)]
+        # forward(targets=...) fuses the output projection with the loss (model/loss.py); a
+        # precision mode whose numerics live in the plain ops (fp16 emulation) switches it off.
+        self.fused_loss = True
+        self._compiled: list | None = None  # compile_blocks()
         if cfg.rope_local_base is not None:  # local layers rotate with their own base, unscaled (Gemma 3)
             cos, sin = rope_tables(self.head_dim, cfg.max_seq_len, cfg.rope_local_base)
             self.register_buffer("rope_local_cos", cos, persistent=False)
             self.register_buffer("rope_local_sin", sin, persistent=False)
         self.init_weights()
+
+    def compile_blocks(self, enabled: bool = True) -> None:
+        """torch.compile each block for uncached forwards (training, evaluation).
+
+        Regional compilation, as torchtitan does it: the blocks share one code path, so inductor
+        compiles it about once instead of tracing the whole unrolled network, and the fused loss
+        (model/loss.py) stays eager. Cached decoding keeps the eager blocks: its positions change
+        every call and would recompile. The compiled wrappers are not submodules, so parameter
+        names and checkpoints are unchanged.
+        """
+        if enabled:
+            import torch._inductor.config as inductor_config
+
+            # Round fused intermediates to bf16/fp16 wherever eager would: without it inductor
+            # keeps them in fp32 and bf16 losses drift from eager's by >1e-3 within 50 steps.
+            inductor_config.emulate_precision_casts = True
+        self._compiled = [torch.compile(layer) for layer in self.layers] if enabled else None
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -233,10 +262,14 @@ class Transformer(nn.Module):
             if isinstance(module, RMSNorm):
                 module.reset_parameters()
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, vocab_size] in the compute dtype (the objective computes
-        the loss). With a cache, the chunk sits at positions cache.pos .. cache.pos + T - 1 and
-        attends to everything cached before it."""
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, vocab_size] in the compute dtype. With a cache, the chunk
+        sits at positions cache.pos .. cache.pos + T - 1 and attends to everything cached before it.
+
+        With targets [B, T] (IGNORE_INDEX where no loss is taken) it returns instead the summed
+        next-token cross-entropy, an fp32 scalar, without materialising the full logits when the
+        output head is a plain linear layer (model/loss.py)."""
         T = tokens.shape[1]
         start = cache.pos if cache is not None else 0
         limit = min(self.cfg.max_seq_len, cache.max_len) if cache is not None else self.cfg.max_seq_len
@@ -262,11 +295,27 @@ class Transformer(nn.Module):
         if self.cfg.scale_embeddings:
             # Gemma rounds sqrt(d) to the compute dtype before multiplying; so do we.
             h = h * torch.tensor(self.cfg.d_model ** 0.5, dtype=h.dtype, device=h.device)
-        for i, layer in enumerate(self.layers):
+        layers = self._compiled if self._compiled is not None and cache is None else self.layers
+        for i, layer in enumerate(layers):
             if self.local[i]:
                 h = layer(h, local_cos, local_sin, local_mask, cache, i)
             else:
                 h = layer(h, cos, sin, mask, cache, i)
         if cache is not None:
             cache.pos += T
-        return self.output(self.norm(h))
+        h = self.norm(h)
+        if targets is None:
+            return self.output(h)
+        return self.loss(h, targets)
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of the output head on final hidden states h [B, T, d]."""
+        dtype = self.output.weight.dtype
+        if torch.is_autocast_enabled(h.device.type):
+            dtype = torch.get_autocast_dtype(h.device.type)
+        if self.fused_loss and type(self.output) is nn.Linear and self.output.bias is None \
+                and dtype != torch.float16:
+            return linear_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten(), dtype)
+        # Cross-entropy in fp32: bf16 log-softmax over a large vocabulary loses ~2 decimal digits.
+        return F.cross_entropy(self.output(h).float().flatten(0, 1), targets.flatten(),
+                               ignore_index=IGNORE_INDEX, reduction="sum")

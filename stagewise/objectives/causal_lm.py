@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from stagewise.model.loss import IGNORE_INDEX
 
 
 class Batch(NamedTuple):
@@ -23,7 +23,7 @@ class Batch(NamedTuple):
 
 class ObjectiveOutput(NamedTuple):
     loss_sum: torch.Tensor  # scalar, fp32, summed over counted targets
-    num_targets: int
+    num_targets: torch.Tensor  # 0-d int64 on the batch's device: counting does not wait for it
 
 
 def num_targets(batch: Batch) -> int:
@@ -31,11 +31,21 @@ def num_targets(batch: Batch) -> int:
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: Batch) -> ObjectiveOutput:
-    logits = model(batch.inputs)
-    # Cross-entropy in fp32: bf16 log-softmax over a large vocabulary loses ~2 decimal digits.
-    loss_sum = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
-    return ObjectiveOutput(loss_sum, num_targets(batch))
+    if _computes_own_loss(model):
+        # stagewise's Transformer fuses its output head with the fp32 loss (model/loss.py).
+        loss_sum = model(batch.inputs, targets=batch.targets)
+    else:  # any module mapping tokens to logits
+        # Cross-entropy in fp32: bf16 log-softmax over a large vocabulary loses ~2 decimal digits.
+        loss_sum = F.cross_entropy(model(batch.inputs).float().flatten(0, 1), batch.targets.flatten(),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+    return ObjectiveOutput(loss_sum, (batch.targets != IGNORE_INDEX).sum())
+
+
+def _computes_own_loss(model: torch.nn.Module) -> bool:
+    from stagewise.model import Transformer
+
+    inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    return isinstance(getattr(inner, "module", inner), Transformer)  # DDP's wrapper
 
 
 OBJECTIVES = {"causal-lm": causal_lm_loss}

@@ -25,7 +25,6 @@ A precision schedule switches between them during a run (schedule.py).
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 
 import torch
@@ -43,6 +42,9 @@ class Precision:
     # gradients, a separate higher-precision master copy held outside the model (0 in every mode
     # here: in the mixed modes the fp32 parameters are the master and autocast makes the
     # low-precision working copy per forward), and the optimizer states (AdamW: exp_avg + exp_avg_sq).
+    # Whether the model may fuse its output head with the loss (stagewise/model/loss.py); off
+    # where this mode's numerics are implemented around the plain ops.
+    fused_loss = True
     param_bytes = 4
     grad_bytes = 4
     master_bytes = 0
@@ -52,7 +54,7 @@ class Precision:
         self.device = device
         self.cfg = cfg or PrecisionConfig(mode=self.name)
         self.steps = 0          # optimizer-step calls so far, skipped ones included (== the trainer's step)
-        self.skipped = 0
+        self._skipped, self._skipped_dev = 0, None
         self._metrics: dict = {}
         self._names: dict[int, str] = {}
 
@@ -64,6 +66,8 @@ class Precision:
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
         self._names = {id(p): n for n, p in model.named_parameters()}
+        if hasattr(model, "fused_loss"):
+            model.fused_loss = self.fused_loss
         return model
 
     def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -89,8 +93,9 @@ class Precision:
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         pass
 
-    def step(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> bool:
-        """Apply the update unless the gradients are non-finite; return whether it was applied.
+    def step(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> torch.Tensor:
+        """Apply the update unless the gradients are non-finite; return whether it was applied
+        (a 0-d bool tensor on the device: deciding does not wait for the device, see _apply).
 
         Without loss scaling a non-finite gradient is a real divergence, not an overflow to
         recover from: the step is skipped (weights stay finite) and the caller reports it.
@@ -98,15 +103,27 @@ class Precision:
         self._metrics = {}
         if self.telemetry_due():
             self._metrics.update(self._grad_telemetry(optimizer, scale=1.0))
-        applied = math.isfinite(float(grad_norm))
-        if applied:
-            optimizer.step()
+        applied = torch.isfinite(grad_norm)
+        _apply(optimizer, applied)
         self._count(applied)
         return applied
 
-    def _count(self, applied: bool) -> None:
+    def _count(self, applied: torch.Tensor) -> None:
         self.steps += 1
-        self.skipped += not applied
+        # Kept on the device; reading `skipped` (checkpoints, telemetry) is what waits for it.
+        skip = applied.logical_not().to(torch.int64)
+        self._skipped_dev = skip if self._skipped_dev is None else self._skipped_dev + skip
+
+    @property
+    def skipped(self) -> int:
+        if self._skipped_dev is not None:
+            self._skipped += int(self._skipped_dev)
+            self._skipped_dev = None
+        return self._skipped
+
+    @skipped.setter
+    def skipped(self, value: int) -> None:
+        self._skipped, self._skipped_dev = int(value), None
 
     def _grad_telemetry(self, optimizer, scale: float) -> dict:
         """Format-loss statistics of the gradients as held now (multiplied by `scale` first)."""
@@ -134,6 +151,24 @@ class Precision:
         # A precision schedule may change modes; only the counters carry over between them.
         self.steps = int(state.get("steps", 0))
         self.skipped = int(state.get("skipped", 0))
+
+
+def _apply(optimizer: torch.optim.Optimizer, applied: torch.Tensor) -> None:
+    """optimizer.step() unless `applied` is False, decided on the device where the optimizer can.
+
+    Optimizers with `_step_supports_amp_scaling` (torch's fused AdamW/Adam/SGD) read a `found_inf`
+    tensor, as torch.amp.GradScaler passes it: where it is 1 the fused kernel leaves weights and
+    moments alone and the step count is taken back, all on the device. Others (foreach or for-loop
+    AdamW, bf16-pure's update) have no such input, so the host reads `applied` first: a sync.
+    """
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.found_inf = applied.logical_not().float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif applied:
+        optimizer.step()
 
 
 class TF32(Precision):

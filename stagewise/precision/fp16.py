@@ -123,6 +123,7 @@ class _FP16Emulation(TorchFunctionMode):
 class FP16Mixed(Precision):
     name = "fp16-mixed"
     compute_dtype = torch.float16
+    fused_loss = False  # the emulation rounds around F.linear; the fused loss would bypass it
     grad_format = torch.float16
     # Weights (the fp32 master) and their fp32 .grad; the fp16 working copy is autocast's, per forward.
     param_bytes, grad_bytes, master_bytes, optim_state_bytes = 4, 4, 0, 8
@@ -169,17 +170,20 @@ class FP16Mixed(Precision):
         if grads:
             torch._foreach_mul_(grads, inv)
 
-    def step(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> bool:
+    def step(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> torch.Tensor:
         # The global norm is non-finite exactly when some gradient element is inf/NaN (a finite
         # fp16-derived gradient cannot overflow an fp32 norm), so no extra pass is needed.
-        found_inf = not math.isfinite(float(grad_norm))
+        # The host reads it (a sync, unlike the other modes): the scale is a Python float that the
+        # next backward and the metrics use, and the scaler must stay GradScaler's rule exactly.
+        applied = torch.isfinite(grad_norm)
+        found_inf = not applied
         if not found_inf:
             optimizer.step()
         self.scaler.update(found_inf)
-        self._count(not found_inf)
+        self._count(applied)
         if found_inf or "grad_sampled" in self._metrics:
             self._metrics["skipped_steps"] = self.skipped
-        return not found_inf
+        return applied
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "scaler": self.scaler.state_dict()}

@@ -124,7 +124,7 @@ class BF16Pure(Precision):
                                 weight_decay=d["weight_decay"], stochastic_rounding=self.cfg.stochastic_rounding,
                                 kahan=self.cfg.kahan)
 
-    def step(self, optimizer, grad_norm) -> bool:
+    def step(self, optimizer, grad_norm) -> torch.Tensor:
         if not (self.telemetry_due() and isinstance(optimizer, CompensatedAdamW)):
             return super().step(optimizer, grad_norm)
         optimizer.lost = lost = LostUpdate()

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import fnmatch
 
+import torch
+
 from stagewise.precision.base import BF16Mixed
 from stagewise.precision.formats import Float8Linear, QuantLinear, swap_linears, unswap
 
@@ -51,7 +53,7 @@ class _Swapped(BF16Mixed):
     def _set_counting(self, on: bool) -> None:
         pass
 
-    def step(self, optimizer, grad_norm) -> bool:
+    def step(self, optimizer, grad_norm) -> torch.Tensor:
         due = self.telemetry_due()
         applied = super().step(optimizer, grad_norm)
         if due:

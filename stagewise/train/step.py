@@ -19,10 +19,30 @@ Objective = Callable[[torch.nn.Module, Batch], ObjectiveOutput]
 
 
 class StepResult(NamedTuple):
-    loss: float          # mean loss per target token over the whole step
-    grad_norm: float     # global L2 norm of the unscaled gradient, before clipping
+    """What a step measured, left on the device so that returning it does not wait for the step.
+
+    loss is fp64, not fp32, so that host() gives exactly float(fp32 loss sum) / count, the value
+    metrics.jsonl has always recorded.
+    """
+
+    loss: torch.Tensor       # 0-d fp64: mean loss per target token over the whole step
+    grad_norm: torch.Tensor  # 0-d: global L2 norm of the unscaled gradient, before clipping
     num_targets: int
-    applied: bool        # False when the precision hook skipped a non-finite step
+    applied: torch.Tensor    # 0-d bool: False when the precision hook skipped a non-finite step
+
+    def host(self) -> "StepResult":
+        """The same result as Python floats and a bool: one read-back, which waits for the step."""
+        loss, norm, applied = torch.stack([self.loss.double(), self.grad_norm.double(),
+                                           self.applied.double()]).tolist()
+        return StepResult(loss, norm, self.num_targets, bool(applied))
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """Move a CPU batch to `device`. For CUDA through pinned memory with non_blocking, so the copy
+    overlaps the step already queued instead of blocking the host; pinning is CUDA-only."""
+    if device.type != "cuda":
+        return Batch(*(t.to(device) for t in batch))
+    return Batch(*(t.pin_memory().to(device, non_blocking=True) for t in batch))
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
@@ -30,8 +50,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, precisi
                grad_clip: float, targets_per_step: int | None = None) -> StepResult:
     """One optimizer step over `micro_batches` (gradient accumulation).
 
-    targets_per_step: the normaliser of the summed loss; by default the number of
-    target tokens in micro_batches, counted before the forward passes.
+    targets_per_step: the normaliser of the summed loss; by default the number of target tokens
+    in micro_batches, counted before the forward passes — a host sync if they are on a GPU, so
+    the trainer counts on the CPU batches and passes it. The step itself does not wait for the
+    device (docs/guide.md says which precision modes still do).
     """
     total = targets_per_step or sum(num_targets(mb) for mb in micro_batches)
     assert total > 0, "a step needs at least one target token"
@@ -39,16 +61,17 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, precisi
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
 
-    loss_sum = torch.zeros((), dtype=torch.float32)
+    loss_sum = None
     for mb in micro_batches:
         with precision.autocast():
             out = objective(model, mb)
         precision.backward(out.loss_sum / total)
-        loss_sum += out.loss_sum.detach().float().cpu()
+        part = out.loss_sum.detach().float()
+        loss_sum = part if loss_sum is None else loss_sum + part
 
     precision.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     # max_norm=inf measures the norm without clipping, so grad_norm is always reported.
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     applied = precision.step(optimizer, grad_norm)
-    return StepResult(float(loss_sum) / total, float(grad_norm), total, applied)
+    return StepResult(loss_sum.double() / total, grad_norm, total, applied)

@@ -33,13 +33,13 @@ from stagewise.errors import CheckpointError, ConfigError
 from stagewise.eval import evaluate
 from stagewise.generate import generate
 from stagewise.model import Transformer, flops_per_token
-from stagewise.objectives import OBJECTIVES, Batch
+from stagewise.objectives import OBJECTIVES, Batch, num_targets
 from stagewise.optim import build_optimizer, lr_at
 from stagewise.precision import build_precision
 from stagewise.precision.schedule import stage_due, switch_precision
 from stagewise.train.metrics import MetricsLog, mfu, peak_flops, peak_memory_bytes
 from stagewise.train.progress import Progress
-from stagewise.train.step import train_step
+from stagewise.train.step import to_device, train_step
 
 # Test hook: SIGKILL this process right after the given step has been logged (and
 # checkpointed, if due) — how the resume tests crash a run at an exact point.
@@ -47,11 +47,18 @@ KILL_AT_STEP_ENV = "STAGEWISE_DEBUG_KILL_AT_STEP"
 
 
 def pick_device(name: str) -> torch.device:
+    """auto: CUDA if present, else the CPU. Under torchrun (LOCAL_RANK set) auto and cuda mean this
+    process's GPU, cuda:LOCAL_RANK, made the current device so that kernels and allocations without
+    an explicit index land there too."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device: {name} requested but CUDA is not available here (valid: auto, cpu)")
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     return device
 
 
@@ -245,13 +252,45 @@ def _fit(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, dataset, device, chec
 
     fpt = flops_per_token(mcfg, T)
     peak = peak_flops(device, precision.compute_dtype)
-    train_model = torch.compile(model) if cfg.train.compile else model
+    model.compile_blocks(cfg.train.compile)  # training and evaluation forwards; sampling stays eager
+    train_model = model
     metrics = MetricsLog(run_dir / rundir.METRICS, resume_step=step if checkpoint else 0)
     progress = Progress(total, step, cfg.log.progress, cfg.log.every)
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "-1"))
     ckpt_root = run_dir / rundir.CHECKPOINTS
 
+    # The metrics line of step N is written after step N+1 has been queued: reading a step's loss
+    # waits for it, and by then the device already has the next step to work on. Eval, checkpoints,
+    # signals, the kill hook and the end write it at once. step_time_s is thus launch to launch.
+    pending = None  # (step, tokens, lr, peak memory, stage and precision metrics, StepResult, start time)
+
+    def flush(t_end: float | None = None, evaluate_now: bool = False) -> None:
+        """Write the pending step's line; t_end None: the step's end, once .host() has waited for it."""
+        nonlocal pending, skipped
+        if pending is None:
+            return
+        at, tokens, lr, mem, extra, result, t0 = pending
+        pending = None
+        r = result.host()
+        skipped += not r.applied
+        dt = (t_end or time.perf_counter()) - t0
+        tok_s = B * T * accum / dt
+        record = {"step": at, "tokens": tokens, "loss": r.loss, "lr": lr, "grad_norm": r.grad_norm,
+                  "tokens_per_s": tok_s, "mfu": mfu(fpt, tok_s, peak), "peak_mem_bytes": mem, "step_time_s": dt,
+                  **extra}
+        if not r.applied:
+            record["skipped"] = True
+            progress.message(f"step {at}: non-finite gradient (norm {r.grad_norm}); update skipped")
+        if evaluate_now:
+            if stage:
+                record.update(stage.evaluate(train_model, precision))  # val_loss/<domain> for every domain seen
+            else:
+                record["val_loss"] = evaluate(train_model, val, precision)["loss"]
+        metrics.write(record)
+        progress.update(at, r.loss, tok_s, record["mfu"], record.get("val_loss"))
+
     def save(at_step: int) -> Path:
+        flush()  # skipped_steps must count the pending step
         state = {"step": at_step, "tokens_seen": tokens_seen, "skipped_steps": skipped,
                  "sampler": sampler.state_dict(), "precision": precision.state_dict(), "rng": capture_rng(),
                  "schedule": {"name": cfg.schedule.name, "step": at_step}}
@@ -266,41 +305,33 @@ def _fit(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, dataset, device, chec
                 save(step)  # the trigger is now in a checkpoint: a resume cools down at the same step
                 stage.consume_cooldown_file()
             t0 = time.perf_counter()
-            micro = []
+            micro, targets = [], 0
             for _ in range(accum):
-                x, y = sampler.next_batch()
-                micro.append(Batch(x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
+                batch = Batch(*sampler.next_batch())
+                targets += num_targets(batch)  # counted on the CPU batch: the step need not ask the device
+                micro.append(to_device(batch, device))
             if (switch := stage_due(cfg.precision, step)) is not None:
                 model, precision, optimizer = switch_precision(
                     cfg.precision, switch, model, precision, optimizer,
                     lambda m: build_optimizer(cfg.optim, m, device), device)
-                train_model = torch.compile(model) if cfg.train.compile else model
+                model.compile_blocks(cfg.train.compile)
+                train_model = model
                 progress.message(f"step {step}: precision {switch.mode} from here on "
                                  f"(optimizer state: {switch.optimizer_state})")
             lr = stage.lr(step) if stage else lr_at(step, cfg.optim.lr, total, cfg.schedule)
-            result = train_step(train_model, optimizer, precision, objective, micro, lr, cfg.train.grad_clip)
+            result = train_step(train_model, optimizer, precision, objective, micro, lr, cfg.train.grad_clip,
+                                targets_per_step=targets)
+            flush(t0)  # the previous step's line, now that this step is queued
             step += 1
             tokens_seen += B * T * accum
-            skipped += not result.applied
-            dt = time.perf_counter() - t0
-            tok_s = B * T * accum / dt
-            record = {"step": step, "tokens": tokens_seen, "loss": result.loss, "lr": lr,
-                      "grad_norm": result.grad_norm, "tokens_per_s": tok_s, "mfu": mfu(fpt, tok_s, peak),
-                      "peak_mem_bytes": peak_memory_bytes(device), "step_time_s": dt}
-            if stage:
-                record.update(stage.metrics())  # stage index, realised mixture shares
-            record.update(precision.metrics())  # loss scale, gradient/update format telemetry
-            if not result.applied:
-                record["skipped"] = True
-                progress.message(f"step {step}: non-finite gradient (norm {result.grad_norm}); update skipped")
-            if step == end() or (cfg.eval.every and step % cfg.eval.every == 0):
-                if stage:
-                    record.update(stage.evaluate(train_model, precision))  # val_loss/<domain> for every domain seen
-                else:
-                    record["val_loss"] = evaluate(train_model, val, precision)["loss"]
-            metrics.write(record)
-            progress.update(step, result.loss, tok_s, record["mfu"], record.get("val_loss"))
-            if step == end() or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stop.signum:
+            # stage index, realised mixture shares; loss scale, gradient/update format telemetry
+            extra = {**(stage.metrics() if stage else {}), **precision.metrics()}
+            pending = (step, tokens_seen, lr, peak_memory_bytes(device), extra, result, t0)
+            evaluate_now = step == end() or bool(cfg.eval.every and step % cfg.eval.every == 0)
+            checkpoint_now = step == end() or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+            if evaluate_now or checkpoint_now or stop.signum or step == kill_at:
+                flush(evaluate_now=evaluate_now)
+            if checkpoint_now or stop.signum:
                 path = save(step)
                 if stop.signum:
                     progress.close()
@@ -310,6 +341,7 @@ def _fit(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, dataset, device, chec
                     raise SystemExit(128 + stop.signum)
             if step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
+        flush()
     progress.close()
     metrics.close()
     if skipped:
