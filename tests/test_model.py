@@ -284,3 +284,18 @@ def test_fused_loss_without_grad_and_with_all_targets_ignored():
     none.backward()
     assert none.item() == 0.0
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+@pytest.mark.parametrize("unit_offset", [False, True])
+def test_rmsnorm_backward_is_the_derivative(unit_offset):
+    """The hand-written backward (it saves only x and 1/rms) against autograd's numerical check."""
+    from stagewise.model.llama import RMSNorm
+
+    norm = RMSNorm(12, 1e-6, unit_offset).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(norm, (x,))
+    xf = x.detach()
+    plain = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * ((1 + norm.weight) if unit_offset else norm.weight)
+    assert torch.equal(norm(x).detach(), plain.detach())

@@ -54,7 +54,7 @@ def estimate_memory(cfg: ModelConfig, batch_size: int, seq_len: int, param_bytes
 
     activations counts what autograd saves for this implementation (derived op by op and checked
     against torch.autograd.graph.saved_tensors_hooks in tests/test_model.py), per token:
-      RMSNorm      its fp32 input, the fp32 normalised x (for the weight's grad), the fp32 rstd;
+      RMSNorm      its fp32 input and the fp32 rstd (backward recomputes the normalised x);
                    its output is saved once more, at act_bytes, as the next linears' shared input
                    (under autocast the pre-norms return the compute dtype, so wq/wk/wv and w1/w3
                    share one copy instead of casting their own)
@@ -78,7 +78,7 @@ def estimate_memory(cfg: ModelConfig, batch_size: int, seq_len: int, param_bytes
     counts = param_counts(cfg)
     d, H, a = cfg.d_model, cfg.n_heads, act_bytes
     N = batch_size * seq_len
-    norm = lambda width, rows=1: rows * (8 * width + 4)  # noqa: E731 - fp32 input and x*rstd, fp32 rstd
+    norm = lambda width, rows=1: rows * (4 * width + 4)  # noqa: E731 - fp32 input, fp32 rstd
     autocast = act_bytes != param_bytes
     per_layer = (2 * norm(d) + 2 * a * d                 # two RMSNorms and their saved outputs
                  + a * (2 * H + 2 * n_kv) * hd + 4 * H   # q, k, v, out; logsumexp

@@ -117,14 +117,42 @@ class RMSNorm(nn.Module):
         (nn.init.zeros_ if self.unit_offset else nn.init.ones_)(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The mean of squares over d terms loses too many digits in bf16, so it runs in fp32.
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        w = self.weight.float()
         dtype = x.dtype
         if self.feeds_matmul and torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
-        return (y * (1.0 + w if self.unit_offset else w)).to(dtype)
+        return _RMSNormFunction.apply(x, self.weight, self.eps, self.unit_offset, dtype)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm saving only its input and the per-row 1/rms for backward.
+
+    Autograd through the plain ops also keeps the fp32 normalised x (for the weight's gradient):
+    one more fp32 copy of the residual stream per norm. Here backward recomputes it. The forward
+    is the same arithmetic in the same order; the mean of squares runs in fp32 because over d
+    terms bf16 loses too many digits.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, unit_offset, out_dtype):
+        f32 = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for gradcheck
+        xf = x.to(f32)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        w = weight.to(f32)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.unit_offset = unit_offset
+        return (xf * rstd * (1.0 + w if unit_offset else w)).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        n = x.to(rstd.dtype) * rstd
+        g = grad.to(rstd.dtype)
+        w = weight.to(rstd.dtype)
+        grad_w = (g * n).sum(dim=tuple(range(g.ndim - 1))).to(weight.dtype)
+        gn = g * (1.0 + w if ctx.unit_offset else w)
+        # d/dx of x * rstd(x): rstd * (gn - n * mean(gn * n)).
+        grad_x = (rstd * (gn - n * (gn * n).mean(-1, keepdim=True))).to(x.dtype)
+        return grad_x, grad_w, None, None, None
 
 
 class Attention(nn.Module):
