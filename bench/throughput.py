@@ -15,6 +15,7 @@ to bench/results/throughput.jsonl with the machine description and date.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
@@ -44,38 +45,59 @@ def model_config(a) -> ModelConfig:
                        ffn_dim=a.ffn, tie_embeddings=True, max_seq_len=max(2048, a.seq))
 
 
-def build(framework: str, a):
-    """(step function, model) for one framework; the step trains on one random batch."""
+VARIANTS = {
+    # name: what it changes from stagewise's defaults (fused loss, fused AdamW, eager blocks)
+    "stagewise": {},
+    "stagewise+compile": {"compile": True},
+    "stagewise-unfused-loss": {"fused_loss": False},
+    "stagewise-foreach-adamw": {"adamw": "foreach"},
+    "stagewise-math-sdpa": {"sdpa": "math"},
+    "transformers": {},
+    "transformers+compile": {"compile": True},
+}
+
+
+def build(variant: str, a):
+    """(step function, model config) for one variant; the step trains on one random batch."""
     torch.manual_seed(0)
     device = torch.device("cpu")
     cfg = model_config(a)
+    opts = VARIANTS[variant]
     precision = build_precision(PrecisionConfig(mode=a.precision), device)
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=g)
-    if framework == "stagewise":
-        model = Transformer(cfg)
-        opt = build_optimizer(OptimConfig(lr=1e-4), model, device)
+    sdpa = contextlib.nullcontext
+    if opts.get("sdpa") == "math":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        sdpa = lambda: sdpa_kernel(SDPBackend.MATH)  # noqa: E731
+    if variant.startswith("stagewise"):
+        model = precision.setup(Transformer(cfg))
+        model.fused_loss = opts.get("fused_loss", True)
+        model.compile_blocks(opts.get("compile", False))
+        opt = build_optimizer(OptimConfig(lr=1e-4, implementation=opts.get("adamw", "auto")), model, device)
         batch = Batch(tokens[:, :-1], tokens[:, 1:])
 
         def step():
-            return train_step(model, opt, precision, causal_lm_loss, [batch], lr=1e-4, grad_clip=1.0).loss
+            with sdpa():
+                return train_step(model, opt, precision, causal_lm_loss, [batch], lr=1e-4, grad_clip=1.0)
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         hf_cfg = LlamaConfig(**{k: v for k, v in to_hf_llama_config(cfg).items()
                                 if k not in ("architectures", "model_type", "torch_dtype")})
         model = LlamaForCausalLM._from_config(hf_cfg, attn_implementation="sdpa")
+        run = torch.compile(model) if opts.get("compile") else model
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         inputs = tokens[:, :-1]
 
         def step():
             opt.zero_grad(set_to_none=True)
             with precision.autocast():
-                loss = model(input_ids=inputs, labels=inputs).loss
+                loss = run(input_ids=inputs, labels=inputs).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            return float(loss.detach())
+            return loss.detach()
     model.train()
     return step, cfg
 
@@ -104,6 +126,9 @@ def main() -> None:
     p.add_argument("--precision", default="bf16-mixed", choices=["bf16-mixed", "fp32"])
     p.add_argument("--rounds", type=int, default=4, help="alternating timed rounds per framework")
     p.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    p.add_argument("--variants", nargs="+", default=["stagewise+compile", "stagewise", "transformers"],
+                   choices=list(VARIANTS), help="what to time; the first is the headline, compared with "
+                   "'transformers' on the last line")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
 
@@ -114,21 +139,23 @@ def main() -> None:
         print(peak_memory_bytes(torch.device("cpu")))
         return
 
-    frameworks = ["stagewise", "transformers"]
-    mem = {fw: memory_child(fw, a) for fw in frameworks}
+    variants = a.variants
+    if "transformers" not in variants or not variants[0].startswith("stagewise"):
+        p.error("--variants: expected a stagewise variant first and 'transformers' among them")
+    mem = {v: memory_child(v, a) for v in variants}
     steps = {}
-    for fw in frameworks:
-        steps[fw], cfg = build(fw, a)
-        steps[fw]()  # warm-up: allocator, thread pool, autocast caches
-        steps[fw]()
+    for v in variants:
+        steps[v], cfg = build(v, a)
+        steps[v]()  # warm-up: allocator, thread pool, autocast caches, compilation
+        steps[v]()
     tok_per_step = a.batch * a.seq
-    rates = {fw: [] for fw in frameworks}
+    rates = {v: [] for v in variants}
     for r in range(a.rounds):
-        for fw in (frameworks if r % 2 == 0 else frameworks[::-1]):
+        for v in variants[r % len(variants):] + variants[:r % len(variants)]:  # rotate who goes first
             t0 = time.perf_counter()
             for _ in range(a.steps):
-                steps[fw]()
-            rates[fw].append(tok_per_step * a.steps / (time.perf_counter() - t0))
+                steps[v]()
+            rates[v].append(tok_per_step * a.steps / (time.perf_counter() - t0))
     dtype = torch.bfloat16 if a.precision == "bf16-mixed" else torch.float32
     peak = peak_flops(torch.device("cpu"), dtype)
     fpt = flops_per_token(cfg, a.seq)
@@ -138,19 +165,21 @@ def main() -> None:
     print(f"config: vocab {a.vocab}, d_model {a.d_model}, {a.layers} layers, {a.heads} heads, ffn {a.ffn}, "
           f"batch {a.batch} x {a.seq}, {a.precision}; peak GEMM {peak / 1e9:.0f} GFLOP/s "
           f"({torch.get_num_threads()} threads)")
-    for fw in frameworks:
-        tps = statistics.median(rates[fw])
-        result[fw] = {"tokens_per_s": tps, "mfu": fpt * tps / peak, "peak_rss_bytes": mem[fw],
-                      "rounds": rates[fw]}
-        print(f"{fw:>13}: {tps:8,.0f} tokens/s  MFU {100 * fpt * tps / peak:5.1f}%  "
-              f"peak RSS {mem[fw] / 2**30:.2f} GiB")
-    ratio = result["stagewise"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
+    base = statistics.median(rates["transformers"])
+    for v in variants:
+        tps = statistics.median(rates[v])
+        result[v] = {"tokens_per_s": tps, "mfu": fpt * tps / peak, "peak_rss_bytes": mem[v], "rounds": rates[v]}
+        print(f"{v:>24}: {tps:8,.0f} tokens/s  {tps / base:5.2f}x  MFU {100 * fpt * tps / peak:5.1f}%  "
+              f"peak RSS {mem[v] / 2**30:.2f} GiB  {mem[v] / mem['transformers']:.2f}x")
+    head = variants[0]
+    ratio = result[head]["tokens_per_s"] / base
+    result["headline"] = head
     result["ratio_tokens_per_s"] = ratio
-    result["ratio_peak_rss"] = mem["stagewise"] / mem["transformers"]
+    result["ratio_peak_rss"] = mem[head] / mem["transformers"]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with RESULTS.open("a") as f:
         f.write(json.dumps(result) + "\n")
-    print(f"stagewise/transformers peak RSS ratio: {result['ratio_peak_rss']:.2f}")
+    print(f"{head}/transformers peak RSS ratio: {result['ratio_peak_rss']:.2f}")
     print(f"stagewise/transformers tokens_per_s ratio: {ratio:.2f}")
 
 
