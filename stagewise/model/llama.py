@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from stagewise.config.schema import ModelConfig
 from stagewise.errors import ConfigError
-from stagewise.model.loss import IGNORE_INDEX, linear_cross_entropy
+from stagewise.model.loss import linear_cross_entropy, logits_cross_entropy
 from stagewise.model.rope import apply_rope, rope_tables
 
 
@@ -344,6 +344,4 @@ class Transformer(nn.Module):
         if self.fused_loss and type(self.output) is nn.Linear and self.output.bias is None \
                 and dtype != torch.float16:
             return linear_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten(), dtype)
-        # Cross-entropy in fp32: bf16 log-softmax over a large vocabulary loses ~2 decimal digits.
-        return F.cross_entropy(self.output(h).float().flatten(0, 1), targets.flatten(),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+        return logits_cross_entropy(self.output(h), targets)

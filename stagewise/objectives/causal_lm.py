@@ -11,9 +11,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-from stagewise.model.loss import IGNORE_INDEX
+from stagewise.model.loss import IGNORE_INDEX, logits_cross_entropy
 
 
 class Batch(NamedTuple):
@@ -35,9 +34,7 @@ def causal_lm_loss(model: torch.nn.Module, batch: Batch) -> ObjectiveOutput:
         # stagewise's Transformer fuses its output head with the fp32 loss (model/loss.py).
         loss_sum = model(batch.inputs, targets=batch.targets)
     else:  # any module mapping tokens to logits
-        # Cross-entropy in fp32: bf16 log-softmax over a large vocabulary loses ~2 decimal digits.
-        loss_sum = F.cross_entropy(model(batch.inputs).float().flatten(0, 1), batch.targets.flatten(),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        loss_sum = logits_cross_entropy(model(batch.inputs), batch.targets)
     return ObjectiveOutput(loss_sum, (batch.targets != IGNORE_INDEX).sum())
 
 

@@ -253,7 +253,6 @@ def _fit(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, dataset, device, chec
     fpt = flops_per_token(mcfg, T)
     peak = peak_flops(device, precision.compute_dtype)
     model.compile_blocks(cfg.train.compile)  # training and evaluation forwards; sampling stays eager
-    train_model = model
     metrics = MetricsLog(run_dir / rundir.METRICS, resume_step=step if checkpoint else 0)
     progress = Progress(total, step, cfg.log.progress, cfg.log.every)
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "-1"))
@@ -283,9 +282,9 @@ def _fit(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, dataset, device, chec
             progress.message(f"step {at}: non-finite gradient (norm {r.grad_norm}); update skipped")
         if evaluate_now:
             if stage:
-                record.update(stage.evaluate(train_model, precision))  # val_loss/<domain> for every domain seen
+                record.update(stage.evaluate(model, precision))  # val_loss/<domain> for every domain seen
             else:
-                record["val_loss"] = evaluate(train_model, val, precision)["loss"]
+                record["val_loss"] = evaluate(model, val, precision)["loss"]
         metrics.write(record)
         progress.update(at, r.loss, tok_s, record["mfu"], record.get("val_loss"))
 
@@ -315,11 +314,10 @@ def _fit(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, dataset, device, chec
                     cfg.precision, switch, model, precision, optimizer,
                     lambda m: build_optimizer(cfg.optim, m, device), device)
                 model.compile_blocks(cfg.train.compile)
-                train_model = model
                 progress.message(f"step {step}: precision {switch.mode} from here on "
                                  f"(optimizer state: {switch.optimizer_state})")
             lr = stage.lr(step) if stage else lr_at(step, cfg.optim.lr, total, cfg.schedule)
-            result = train_step(train_model, optimizer, precision, objective, micro, lr, cfg.train.grad_clip,
+            result = train_step(model, optimizer, precision, objective, micro, lr, cfg.train.grad_clip,
                                 targets_per_step=targets)
             flush(t0)  # the previous step's line, now that this step is queued
             step += 1
