@@ -68,8 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--seed", type=int, default=0, help="sampling seed; same seed, same text (default 0)")
     sm.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
 
-    ev = sub.add_parser("eval", help="loss and perplexity of a checkpoint on a data set",
-                        description="Mean next-token cross-entropy (nats/token) and perplexity = exp(loss).")
+    ev = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint on a data set",
+                        description="Mean next-token cross-entropy (nats/token), perplexity = exp(loss), and bits "
+                        "per byte = summed loss / (ln 2 x UTF-8 bytes of the evaluated target tokens), the number "
+                        "to compare across models with different tokenizers (docs/metrics.md).")
     ev.add_argument("ckpt", help="run directory, checkpoint directory or exported model directory")
     ev.add_argument("--data", default=None,
                     help="what to evaluate on: a prepared dataset directory (uses --split), a built-in corpus "

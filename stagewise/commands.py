@@ -136,7 +136,7 @@ def cmd_sample(args, extra) -> int:
     prompt_ids = tok.encode_prompt(args.prompt)  # with BOS where the model's tokenizer adds one (Gemma)
     for i in range(args.num_samples):
         ids = generate(model, prompt_ids, args.max_new_tokens, temperature=temperature, top_k=args.top_k,
-                       top_p=args.top_p, eos_id=tok.eos_id, generator=gen)
+                       top_p=args.top_p, eos_id=tok.stop_ids, generator=gen)
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         print(args.prompt + tok.decode(ids), flush=True)
@@ -161,6 +161,9 @@ def _eval_tokens(args, tok, run_meta_dir: Path):
     p = Path(spec)
     if (p / "manifest.json").is_file():
         ds = open_dataset(p, expect_tokenizer_sha=tok.sha256)
+        if ds.tokenizer.specials != tok.specials:
+            raise DataError(f"--data: {p} separates documents differently (eos/bos) than the model's tokenizer; "
+                            "prepare it with the model's tokenizer.json")
         return (ds.val if args.split == "val" else ds.train), f"{p} ({args.split} split)"
     if spec in ("python-stdlib", "shakespeare", "python-docs"):
         src = SourceConfig(kind=spec)
@@ -175,8 +178,8 @@ def _eval_tokens(args, tok, run_meta_dir: Path):
             kind = "parquet"
         src = SourceConfig(kind=kind, path=str(p), field=args.field)
     ids: list[int] = []
-    for doc in iter_documents(src, "--data"):
-        ids.extend(tok.encode(doc.text))
+    for doc in iter_documents(src, "--data"):  # documents as prepared data holds them
+        ids.extend(tok.doc_prefix + tok.encode(doc.text))
         ids.append(tok.eos_id)
         if len(ids) > 4 * args.max_tokens:  # enough to pick evenly spaced windows from
             break
@@ -202,15 +205,16 @@ def cmd_eval(args, extra) -> int:
     tokens, what = _eval_tokens(args, tok, meta_dir)
     n_batches = max(1, math.ceil(min(args.max_tokens, len(tokens)) / (args.batch_size * seq_len)))
     batches = [Batch(x, y) for x, y in eval_batches(tokens, seq_len, args.batch_size, n_batches)]
-    res = evaluate(model, batches, device=device)
-    print(f"data: {what}\ntokens: {res['tokens']:,}\nloss: {res['loss']:.4f} nats/token\n"
-          f"perplexity: {res['perplexity']:.3f}")
+    res = evaluate(model, batches, device=device, token_bytes=tok.token_bytes)
+    print(f"data: {what}\ntokens: {res['tokens']:,} ({res['bytes']:,} bytes of text)\n"
+          f"loss: {res['loss']:.4f} nats/token\nperplexity: {res['perplexity']:.3f}\n"
+          f"bits per byte: {res['bits_per_byte']:.4f}")
     return 0
 
 
 def cmd_export(args, extra) -> int:
     from stagewise.checkpoint import export_safetensors
-    from stagewise.rundir import TOKENIZER, load_model, resolve_model_source
+    from stagewise.rundir import load_model, resolve_model_source, tokenizer_files
 
     import torch
 
@@ -220,7 +224,7 @@ def cmd_export(args, extra) -> int:
     _, _, meta_dir = resolve_model_source(args.ckpt)
     model, _, mcfg = load_model(args.ckpt, torch.device("cpu"))
     export_safetensors(model, {"format": "stagewise", "stagewise_model": dataclasses.asdict(mcfg)}, out,
-                       extra_files={TOKENIZER: meta_dir / TOKENIZER})
+                       extra_files=tokenizer_files(meta_dir))
     print(f"exported {out}")
     return 0
 

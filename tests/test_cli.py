@@ -136,7 +136,12 @@ def test_help_explains_every_option():
 
 @pytest.mark.parametrize("mode", ["bf16-mixed"])
 def test_compiled_run_matches_eager(tmp_path, corpus_dir, data_cache, mode):
-    """train.compile (regionally compiled blocks) changes speed, not numerics: 50 steps within 1e-3."""
+    """train.compile (regionally compiled blocks) changes speed, not numerics.
+
+    The first step (same weights, same batch) must give the same loss and gradient norm within 1e-5
+    relative: a lost precision cast or a wrong fusion shows there. Later steps drift apart by bf16
+    rounding of differently fused kernels: within 5e-3 over 50 steps (measured on an AVX-512-BF16
+    EPYC: at most 3.4e-3, 6e-6 by step 3; 1.3e-3 on an AMX Xeon)."""
     recipe = tiny_recipe(tmp_path / "tiny.yaml", corpus_dir, data_cache, tmp_path / "runs")
     for name, compile_ in (("eager", "false"), ("compiled", "true")):
         run_cli("run", recipe, f"--name={name}", f"--train.compile={compile_}", "--train.steps=50",
@@ -144,5 +149,7 @@ def test_compiled_run_matches_eager(tmp_path, corpus_dir, data_cache, mode):
     eager, compiled = (read_metrics(tmp_path / "runs" / n / "metrics.jsonl") for n in ("eager", "compiled"))
     assert len(eager) == len(compiled) == 50
     assert eager[-1]["loss"] < eager[0]["loss"] - 0.5  # it trained
+    for key in ("loss", "grad_norm"):
+        assert compiled[0][key] == pytest.approx(eager[0][key], rel=1e-5, abs=0), key
     for a, b in zip(eager, compiled):
-        assert abs(a["loss"] - b["loss"]) < 1e-3, (a["step"], a["loss"], b["loss"])
+        assert abs(a["loss"] - b["loss"]) < 5e-3, (a["step"], a["loss"], b["loss"])

@@ -36,6 +36,7 @@ def single_stage_run(d: Path) -> Path:
     recs = [{"step": s, "tokens": 512 * s, "loss": 6.0 - s / 20, "lr": 1e-3 * min(1, s / 5)} for s in range(1, 61)]
     for r in recs[9::10]:
         r["val_loss"] = r["loss"] + 0.1
+        r["val_bpb"] = r["step"] / 1000 + 1.0
     return _write_run(d, recs, "name: single\ntrain: {steps: 60}\n")
 
 
@@ -140,6 +141,7 @@ def test_single_stage_report_skips_stage_sections(tmp_path, report_cli):
     assert set(_local_refs(html, out_dir)) == {"loss.png", "lr.png"}
     assert "Single-stage run" in html and "Forgetting" not in html
     assert "60 of 60" in html and "3.1000" in html   # final loss 6.0 - 60 / 20
+    assert "final validation bits per byte</td><td>1.0600 (step 60" in html
     assert not (run / "report").exists()
 
 

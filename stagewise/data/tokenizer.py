@@ -11,12 +11,18 @@ mentions "<|endoftext|>" must not inject a separator into the token stream).
 from __future__ import annotations
 
 import hashlib
+import json
+import re
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from stagewise.data import special_tokens
+from stagewise.data.special_tokens import SpecialTokens
 from stagewise.errors import DataError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -25,13 +31,19 @@ EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>")
 
 
 class Tokenizer:
-    """Text <-> token ids, plus the document separator (`eos_id`) and a content hash (`sha256`)."""
+    """Text <-> token ids, plus the special tokens (`specials`: the document separator `eos_id`, the
+    `bos_id` documents and prompts start with when `add_bos`, the sampling `stop_ids`) and a content
+    hash (`sha256`, of tokenizer.json alone)."""
 
-    def __init__(self, tok: HFTokenizer, source: str = "tokenizer"):
+    def __init__(self, tok: HFTokenizer, source: str = "tokenizer", specials: Optional[SpecialTokens] = None):
         self._tok = tok
         self._tok.encode_special_tokens = True  # not serialized, so it does not change sha256
-        self.eos_id = _find_eos(tok, source)
+        self.specials = specials or SpecialTokens.default(_find_eos(tok, source))
+        self.eos_id = self.specials.eos_id
         self.eos_token = tok.id_to_token(self.eos_id)
+        self.bos_id, self.add_bos = self.specials.bos_id, self.specials.add_bos
+        self.stop_ids = self.specials.stop_ids
+        self.doc_prefix = self.specials.doc_prefix  # [bos_id] or []: what every document starts with
 
     @property
     def vocab_size(self) -> int:
@@ -51,9 +63,9 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_prompt(self, text: str) -> list[int]:
-        """Encode a generation prompt with the tokenizer's own special tokens (its post-processor):
-        imported Gemma/Llama 3 tokenizers prepend their BOS, a byte-level BPE we trained adds nothing."""
-        return self._tok.encode(text, add_special_tokens=True).ids
+        """Encode a generation prompt as a document starts: imported Gemma/Llama 3 tokenizers prepend
+        their BOS, a byte-level BPE we trained adds nothing."""
+        return self.doc_prefix + self.encode(text)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many texts in parallel (Rust threads); much faster than a Python loop."""
@@ -64,11 +76,47 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
+    @cached_property
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes of text each token id stands for (int64, length vocab_size); special tokens 0.
+
+        This is what bits per byte divides by: summed over a token sequence it is the byte length
+        of the text those tokens decode to, whatever the tokenizer. Three spellings of a token's
+        bytes are recognised from the tokenizer's own JSON: byte-level BPE (GPT-2, Llama 3, Qwen:
+        every character of the token string is one byte), SentencePiece-style (Llama 2, Gemma:
+        U+2581 is a space, `<0xAB>` byte-fallback tokens are one byte) and plain text.
+        """
+        spec = json.loads(self._tok.to_str())
+        byte_level = _uses(spec, "ByteLevel")
+        byte_fallback = bool((spec.get("model") or {}).get("byte_fallback"))
+        special = {t["id"] for t in spec.get("added_tokens") or [] if t.get("special")}
+        decode = {c: b for b, c in _byte_to_unicode().items()} if byte_level else None
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(self.vocab_size):
+            piece = self._tok.id_to_token(i)
+            if piece is None or i in special:
+                continue
+            if byte_fallback and _BYTE_PIECE.fullmatch(piece):
+                out[i] = 1
+            elif decode is not None and all(c in decode for c in piece):
+                out[i] = len(piece)
+            else:
+                out[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
+        return out
+
     def save(self, path: str | Path) -> None:
+        """tokenizer.json, and beside it the special-token choice when it is not stagewise's default."""
         self._tok.save(str(path))
+        if self.specials.origin:
+            (Path(path).parent / special_tokens.SPECIALS_FILE).write_bytes(self.specials_json())
+
+    def specials_json(self) -> bytes:
+        return special_tokens.write_bytes(self.specials, self._tok)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
+    def load(cls, path: str | Path, hf_config: Optional[dict] = None) -> "Tokenizer":
+        """tokenizer.json, with the special tokens named beside it (data/special_tokens.py); `hf_config`
+        stands in for a config.json the directory lacks (a GGUF import)."""
         path = Path(path).expanduser()
         if not path.is_file():
             raise DataError(f"tokenizer {path} does not exist (expected a Hugging Face tokenizer.json)")
@@ -77,10 +125,12 @@ class Tokenizer:
         except Exception as e:  # the Rust side raises a bare Exception with a serde message
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise DataError(f"tokenizer {path} is not a valid tokenizer.json ({first})") from None
-        return cls(tok, source=f"tokenizer {path}")
+        source = f"tokenizer {path}"
+        return cls(tok, source, special_tokens.resolve(tok, path.parent, lambda: _find_eos(tok, source), hf_config))
 
     def __repr__(self) -> str:
-        return f"Tokenizer(vocab_size={self.vocab_size}, eos={self.eos_token!r}, sha256={self.sha256[:12]})"
+        bos = f", bos={self._tok.id_to_token(self.bos_id)!r}" if self.add_bos else ""
+        return f"Tokenizer(vocab_size={self.vocab_size}, eos={self.eos_token!r}{bos}, sha256={self.sha256[:12]})"
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -102,6 +152,34 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     tok.train_from_iterator(texts, trainer=trainer)
     assert tok.token_to_id(EOS_TOKEN) == 0
     return Tokenizer(tok, source="trained BPE")
+
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _uses(spec: dict, kind: str) -> bool:
+    """Whether the tokenizer JSON's pre-tokenizer or decoder is (or contains) `kind`."""
+    def walk(node) -> bool:
+        if isinstance(node, dict):
+            return node.get("type") == kind or any(walk(v) for v in node.values())
+        if isinstance(node, list):
+            return any(walk(v) for v in node)
+        return False
+    return walk(spec.get("pre_tokenizer")) or walk(spec.get("decoder"))
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable characters (byte-level BPE)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
 
 
 def _find_eos(tok: HFTokenizer, source: str) -> int:

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from stagewise.errors import StagewiseError
-from stagewise.report.rundata import MIX_PREFIX, VAL_PREFIX, RunData, load_run
+from stagewise.report.rundata import BPB_PREFIX, MIX_PREFIX, VAL_PREFIX, RunData, load_run
 
 FIGURES = ("loss.png", "lr.png", "val_domains.png", "mixture.png", "forgetting.png")
 
@@ -97,6 +97,14 @@ def _summary(run: RunData) -> str:
     if last_val:
         pairs.append(("final validation loss by domain", ", ".join(f"{d} {v:.4f}" for d, (_, v) in last_val.items())
                       + f" (step {max(s for s, _ in last_val.values()):,})"))
+    bs, bv = run.series("val_bpb")
+    if bs:
+        pairs.append(("final validation bits per byte", f"{bv[-1]:.4f} (step {bs[-1]:,}; comparable across "
+                      "tokenizers)"))
+    last_bpb = {d: run.series(BPB_PREFIX + d)[1] for d in run.keys_with(BPB_PREFIX)}
+    if any(last_bpb.values()):
+        pairs.append(("final validation bits per byte by domain",
+                      ", ".join(f"{d} {v[-1]:.4f}" for d, v in last_bpb.items() if v)))
     model = cfg.get("model") or {}
     if model.get("d_model") and model.get("n_layers"):
         pairs.append(("model", f"{model['n_layers']} layers x {model['d_model']} wide"))

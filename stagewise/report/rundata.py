@@ -18,7 +18,7 @@ from stagewise.errors import CheckpointError
 
 # File names as stagewise/rundir.py writes them (not imported: that module imports torch).
 METRICS, CONFIG, RUN_INFO, FORGETTING = "metrics.jsonl", "config.yaml", "run_info.json", "forgetting.json"
-VAL_PREFIX, MIX_PREFIX = "val_loss/", "mix/"
+VAL_PREFIX, BPB_PREFIX, MIX_PREFIX = "val_loss/", "val_bpb/", "mix/"
 REPLAY_KEYS = ("replay_frac", "replay")
 
 

@@ -104,6 +104,7 @@ class StageRun:
         self.trained = [d.name for d in st.mixture if d.weight > 0]
         self.replayed = [n for n in self.probs if n not in self.trained]
         seen = [n for n in domain_sources(cfg) if any(d.name == n for s in cfg.stages[:index + 1] for d in s.mixture)]
+        self.token_bytes = next(iter(datasets.values())).tokenizer.token_bytes  # one tokenizer per run
         self.val = {n: [Batch(x, y) for x, y in eval_batches(datasets[n].val, T, B, cfg.eval.batches)] for n in seen}
 
     def end(self) -> int:
@@ -140,8 +141,12 @@ class StageRun:
         return out
 
     def evaluate(self, model, precision) -> dict:
-        out = {f"val_loss/{n}": evaluate(model, batches, precision)["loss"] for n, batches in self.val.items()}
-        out["val_loss"] = sum(out[f"val_loss/{n}"] for n in self.trained) / len(self.trained)
+        out = {}
+        for n, batches in self.val.items():
+            res = evaluate(model, batches, precision, token_bytes=self.token_bytes)
+            out[f"val_loss/{n}"], out[f"val_bpb/{n}"] = res["loss"], res["bits_per_byte"]
+        for key in ("val_loss", "val_bpb"):  # the mean over the domains this stage trains on
+            out[key] = sum(out[f"{key}/{n}"] for n in self.trained) / len(self.trained)
         return out
 
     def state_dict(self, at_step: int) -> dict:
@@ -256,7 +261,7 @@ def _run_from(cfg, mcfg, run_dir: Path, datasets: dict, device, index: int, star
 def _export_stage(model, mcfg: ModelConfig, run_dir: Path, name: str) -> None:
     """RUN_DIR/stages/<name>/: the stage's final weights, for eval, sample, init_from and later analysis."""
     export_safetensors(model, {"format": "stagewise", "stagewise_model": dataclasses.asdict(mcfg)},
-                       run_dir / STAGES_DIR / name, extra_files={rundir.TOKENIZER: run_dir / rundir.TOKENIZER})
+                       run_dir / STAGES_DIR / name, extra_files=rundir.tokenizer_files(run_dir))
 
 
 def write_forgetting(cfg: RunConfig, run_dir: Path, completed: int) -> dict:

@@ -120,9 +120,10 @@ def train(cfg: RunConfig, log=print) -> Path:
         torch.set_num_threads(cfg.threads)
     init = _init_source(cfg, log) if cfg.init_from else None
     dataset = open_dataset(resolve_dataset(cfg.data, log=log))
-    if init and dataset.tokenizer.sha256 != init[1].sha256:
-        raise ConfigError(f"data.prepared: {cfg.data.prepared} was tokenized with another tokenizer than "
-                          f"init_from {cfg.init_from}; prepare it with --tokenizer {cfg.data.tokenizer.path}")
+    if init and (dataset.tokenizer.sha256, dataset.tokenizer.specials) != (init[1].sha256, init[1].specials):
+        raise ConfigError(f"data.prepared: {cfg.data.prepared} was tokenized with another tokenizer (or other "
+                          f"document separators) than init_from {cfg.init_from}; prepare it with "
+                          f"--tokenizer {cfg.data.tokenizer.path}")
     mcfg = init[0] if init else resolve_model_config(cfg.model, dataset.tokenizer.vocab_size)
     # Fails with a precise DataError if the data is too small, before anything is written.
     SequenceSampler(dataset.train, cfg.data.seq_len, cfg.train.batch_size, cfg.seed)
@@ -182,13 +183,13 @@ def _finish(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, model, tokenizer, 
     """Export the final weights and print the recipe's samples."""
     final = run_dir / rundir.FINAL
     export_safetensors(model, {"format": "stagewise", "stagewise_model": dataclasses.asdict(mcfg)}, final,
-                       extra_files={rundir.TOKENIZER: run_dir / rundir.TOKENIZER})
+                       extra_files=rundir.tokenizer_files(run_dir))
     model.eval()
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     for prompt in cfg.sample.prompts:
         s = cfg.sample
-        ids = generate(model, tokenizer.encode(prompt), s.max_new_tokens, temperature=s.temperature,
-                       top_k=s.top_k, top_p=s.top_p, eos_id=tokenizer.eos_id, generator=gen)
+        ids = generate(model, tokenizer.encode_prompt(prompt), s.max_new_tokens, temperature=s.temperature,
+                       top_k=s.top_k, top_p=s.top_p, eos_id=tokenizer.stop_ids, generator=gen)
         log(f"--- sample (prompt {prompt!r}) ---\n{prompt}{tokenizer.decode(ids)}")
     ckpt = latest_checkpoint(run_dir / rundir.CHECKPOINTS)
     log(f"\ncheckpoint: {ckpt}\nexported model: {final}\n"
@@ -284,7 +285,8 @@ def _fit(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, dataset, device, chec
             if stage:
                 record.update(stage.evaluate(model, precision))  # val_loss/<domain> for every domain seen
             else:
-                record["val_loss"] = evaluate(model, val, precision)["loss"]
+                res = evaluate(model, val, precision, token_bytes=dataset.tokenizer.token_bytes)
+                record["val_loss"], record["val_bpb"] = res["loss"], res["bits_per_byte"]
         metrics.write(record)
         progress.update(at, r.loss, tok_s, record["mfu"], record.get("val_loss"))
 
