@@ -3,7 +3,8 @@
     RUN_DIR/
       config.yaml          the fully resolved recipe (what `stagewise resume` re-reads)
       model_config.json    the resolved model architecture (vocab size filled in)
-      tokenizer.json       the tokenizer the data was encoded with
+      tokenizer.json       the tokenizer the data was encoded with (+ stagewise_special_tokens.json
+                           for an imported one: its eos/bos/stop tokens, data/special_tokens.py)
       run_info.json        torch version, device, thread count, dataset used
       metrics.jsonl        one line per optimizer step
       checkpoints/step_NNNNNNNN/   full training state (DCP + train_state.json)
@@ -22,7 +23,7 @@ import torch
 
 from stagewise.config.loader import from_dict
 from stagewise.config.schema import ModelConfig
-from stagewise.errors import CheckpointError
+from stagewise.errors import CheckpointError, ConfigError
 
 CONFIG = "config.yaml"
 MODEL_CONFIG = "model_config.json"
@@ -69,6 +70,16 @@ def resolve_model_source(path: str | Path) -> tuple[str, Path, Path]:
                           "or an exported model (model.safetensors + config.json)")
 
 
+def tokenizer_files(meta_dir: Path) -> dict[str, Path]:
+    """What travels with a model's tokenizer: tokenizer.json and, for an imported one, its special tokens."""
+    from stagewise.data.special_tokens import SPECIALS_FILE
+
+    files = {TOKENIZER: meta_dir / TOKENIZER}
+    if (meta_dir / SPECIALS_FILE).is_file():
+        files[SPECIALS_FILE] = meta_dir / SPECIALS_FILE
+    return files
+
+
 def load_model_config(meta_dir: Path) -> ModelConfig:
     for name in (MODEL_CONFIG, "config.json"):
         f = meta_dir / name
@@ -104,23 +115,44 @@ def load_model(path: str | Path, device: torch.device):
     return model.eval(), tokenizer, mcfg
 
 
+def _is_hf_dir(p: Path) -> bool:
+    from stagewise.interop.hf_io import _read_json
+
+    cfg_file = p / "config.json"
+    return cfg_file.is_file() and not (p / MODEL_CONFIG).is_file() \
+        and _read_json(cfg_file, "the model's config").get("format") != "stagewise"
+
+
 def load_init_source(path: str | Path):
     """(model config, model state, dir holding tokenizer.json and its side files, HF config or None)
     for a recipe's `init_from`: any path `load_model` accepts, or a Hugging Face model directory."""
     from stagewise.checkpoint import load_model_state
-
-    from stagewise.interop.hf_io import _read_json, load_hf, original_hf_config
+    from stagewise.interop.hf_io import load_hf, original_hf_config
 
     p = Path(path).expanduser()
-    cfg_file = p / "config.json"
-    is_hf = cfg_file.is_file() and not (p / MODEL_CONFIG).is_file() \
-        and _read_json(cfg_file, "the model's config").get("format") != "stagewise"
-    if is_hf:
-
-        mcfg, state, hf, files_dir = load_hf(p)
+    if _is_hf_dir(p):
+        mcfg, state, hf, files_dir, _ = load_hf(p)
         return mcfg, state, files_dir, hf
     _, weights, meta_dir = resolve_model_source(p)
     return load_model_config(meta_dir), load_model_state(weights), meta_dir, original_hf_config(meta_dir)
+
+
+def load_init_config(path: str | Path) -> tuple[ModelConfig, Path]:
+    """(model config, dir holding tokenizer.json) of an `init_from`, without reading its weights."""
+    from stagewise.interop.hf_families import from_hf_config
+    from stagewise.interop.hf_io import _read_json
+    from stagewise.model import validate_model_config
+
+    p = Path(path).expanduser()
+    if _is_hf_dir(p):
+        mcfg = from_hf_config(_read_json(p / "config.json", "the model's config"))
+        try:
+            validate_model_config(mcfg)
+        except ConfigError as e:
+            raise ConfigError(f"{p / 'config.json'}: {e}") from None
+        return mcfg, p
+    _, _, meta_dir = resolve_model_source(p)
+    return load_model_config(meta_dir), meta_dir
 
 
 def load_weights(model, state: dict, what: str) -> None:

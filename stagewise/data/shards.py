@@ -2,8 +2,10 @@
 
 A prepared dataset is a directory:
   train.bin, val.bin  flat token ids (uint16 when the vocab fits, else uint32), each
-                      document followed by EOS; memory-mapped at training time
-  tokenizer.json      the tokenizer that produced them
+                      document followed by EOS (and preceded by BOS when the tokenizer's
+                      model was trained that way, e.g. Gemma); memory-mapped at training time
+  tokenizer.json      the tokenizer that produced them (+ its special-token choice, for an
+                      imported tokenizer: data/special_tokens.py)
   manifest.json       counts and sha256 of everything above, so a truncated or swapped
                       file is caught on open rather than silently trained on
 
@@ -30,6 +32,7 @@ import numpy as np
 
 from stagewise.config.schema import DataConfig
 from stagewise.data.sources import describe, fingerprint, iter_documents
+from stagewise.data.special_tokens import SPECIALS_FILE
 from stagewise.data.tokenizer import Tokenizer, train_bpe
 from stagewise.errors import DataError
 
@@ -92,6 +95,8 @@ def _prepare(cfg: DataConfig, out_dir: Path, log: Log, overwrite: bool) -> Path:
             f"val {splits['val']['tokens']:,} tokens ({splits['val']['documents']} docs) "
             f"[{time.perf_counter() - t:.1f}s]")
         _write_synced(tmp / TOKENIZER_FILE, tokenizer.backend.to_str(pretty=True).encode("utf-8"))
+        if tokenizer.specials.origin:
+            _write_synced(tmp / SPECIALS_FILE, tokenizer.specials_json())
         manifest = {
             "format_version": FORMAT_VERSION,
             "dtype": dtype_for_vocab(tokenizer.vocab_size).name,
@@ -103,6 +108,8 @@ def _prepare(cfg: DataConfig, out_dir: Path, log: Log, overwrite: bool) -> Path:
             "sources": scan.sources,
             "val_fraction": cfg.val_fraction,
         }
+        if tokenizer.specials.origin:  # absent for stagewise's own tokenizers: their manifests stay as they were
+            manifest["special_tokens"] = tokenizer.specials.to_json(tokenizer.backend)
         _write_synced(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
         published = _publish(tmp, out_dir, overwrite)
     finally:
@@ -190,7 +197,7 @@ def _hash_doc(h, doc_id: str, text: str) -> bytes:
 
 def _write_tokens(cfg: DataConfig, scan: _Scan, tokenizer: Tokenizer, tmp: Path) -> dict:
     dtype = dtype_for_vocab(tokenizer.vocab_size)
-    eos = tokenizer.eos_id
+    eos, prefix = tokenizer.eos_id, tokenizer.doc_prefix
     out = {s: {"file": f"{s}.bin", "tokens": 0, "documents": 0, "sha256": hashlib.sha256()} for s in SPLITS}
     files = {s: open(tmp / out[s]["file"], "wb") for s in SPLITS}
     pending: dict[str, list[str]] = {s: [] for s in SPLITS}
@@ -199,6 +206,7 @@ def _write_tokens(cfg: DataConfig, scan: _Scan, tokenizer: Tokenizer, tmp: Path)
     def flush(split: str) -> None:
         flat: list[int] = []
         for ids in tokenizer.encode_batch(pending[split]):
+            flat.extend(prefix)  # a window that starts at a document starts as in the model's pre-training
             flat.extend(ids)
             flat.append(eos)  # the separator: the model learns where documents end
         arr = np.asarray(flat, dtype=dtype).tobytes()
@@ -290,6 +298,9 @@ def dataset_key(cfg: DataConfig) -> str:
             raise DataError(f"data.tokenizer.path: {tok_path} does not exist")
         st = tok_path.stat()
         tok = {"path": str(tok_path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        specials = Tokenizer.load(tok_path).specials
+        if specials.origin:  # BOS and EOS shape the token stream; a default tokenizer keeps its old key
+            tok["special_tokens"] = [specials.eos_id, specials.bos_id, specials.add_bos]
     else:
         tok = {"vocab_size": cfg.tokenizer.vocab_size, "train_bytes": cfg.tokenizer.train_bytes}
     identity = {"format_version": FORMAT_VERSION, "sources": sources, "tokenizer": tok,
@@ -364,6 +375,10 @@ def open_dataset(path: str | Path, expect_tokenizer_sha: Optional[str] = None) -
     if (tokenizer.vocab_size, tokenizer.eos_id) != (manifest["vocab_size"], manifest["eos_id"]):
         raise DataError(f"{where}: {MANIFEST} vocab_size/eos_id {manifest['vocab_size']}/{manifest['eos_id']} "
                         f"disagree with {TOKENIZER_FILE} ({tokenizer.vocab_size}/{tokenizer.eos_id}) ({REPREPARE})")
+    specials = tokenizer.specials.to_json(tokenizer.backend) if tokenizer.specials.origin else None
+    if manifest.get("special_tokens") != specials:
+        raise DataError(f"{where}: {MANIFEST} special_tokens disagree with {SPECIALS_FILE} beside "
+                        f"{TOKENIZER_FILE} ({REPREPARE})")
     if expect_tokenizer_sha is not None and tokenizer.sha256 != expect_tokenizer_sha:
         raise DataError(f"{where}: tokenizer sha256 {tokenizer.sha256[:12]} differs from the expected "
                         f"{expect_tokenizer_sha[:12]} (the model was trained with another tokenizer; "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Collection
+
 import torch
 
 from stagewise.model.llama import KVCache, Transformer
@@ -33,9 +35,12 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 @torch.inference_mode()
 def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, eos_id: int | None = None,
+             top_p: float = 1.0, eos_id: int | Collection[int] | None = None,
              generator: torch.Generator | None = None) -> list[int]:
     """Continue `prompt_ids`; returns only the new tokens (without the eos token, if one is sampled).
+
+    `eos_id` may be several ids (a tokenizer's `stop_ids`: Gemma's instruction models end a turn
+    with `<end_of_turn>`, not `<eos>`); generation stops at the first of them.
 
     temperature 0 is greedy decoding. Prompt and continuation must fit in model.cfg.max_seq_len
     positions, so a longer prompt keeps its last max_seq_len - max_new_tokens tokens (at least
@@ -52,6 +57,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, tem
     # Only the positions this call can reach: a 32k-context model need not allocate a 32k cache.
     cache = KVCache.for_model(model, batch_size=1, max_len=min(max_len, len(prompt) + max_new_tokens))
     logits = model(torch.tensor([prompt], dtype=torch.long, device=device), cache=cache)[0, -1]
+    stop = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
     new: list[int] = []
     while True:
         if temperature == 0.0:
@@ -59,7 +65,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, tem
         else:
             filtered = filter_logits(logits.float() / temperature, top_k, top_p)
             token = int(torch.multinomial(filtered.softmax(-1), 1, generator=generator))
-        if token == eos_id:
+        if token in stop:
             break
         new.append(token)
         if len(new) == max_new_tokens or cache.pos == cache.max_len:

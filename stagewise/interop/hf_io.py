@@ -7,6 +7,8 @@ Import writes what `stagewise sample/eval` and `init_from` accept:
     OUT/model.safetensors   stagewise tensor names, the source dtype, a tied head stored once
     OUT/config.json         {"format": "stagewise", "stagewise_model": {...}, "hf_config": {...}}
     OUT/tokenizer.json      + the HF tokenizer/generation side files, copied unchanged
+    OUT/stagewise_special_tokens.json  the eos/bos/add_bos/stop tokens those files name
+                            (stagewise/data/special_tokens.py), used for data, sampling and eval
 
 Export writes the family's own config.json and tensor names, sharded above `max_shard_bytes`, so
 transformers' AutoModelForCausalLM/AutoTokenizer load it. Everything is checked before anything
@@ -30,6 +32,7 @@ from safetensors.torch import save_file
 
 from stagewise.checkpoint._atomic import TMP_PREFIX, fsync_tree, publish_dir
 from stagewise.config.schema import ModelConfig
+from stagewise.data.special_tokens import SPECIALS_FILE
 from stagewise.errors import CheckpointError, ConfigError, DataError, StagewiseError
 from stagewise.interop.hf_families import FAMILIES, Family, family_of, from_hf_config, from_hf_state_dict
 from stagewise.interop.hf_families import infer_family, to_hf_config, to_hf_state_dict
@@ -165,14 +168,15 @@ def check_state(sd: dict, mcfg: ModelConfig, family: Family, source: str) -> Non
                                   "expected float32, bfloat16 or float16")
 
 
-def _check_tokenizer(path: Path, mcfg: ModelConfig, source: str):
+def _check_tokenizer(path: Path, mcfg: ModelConfig, source: str, hf: dict):
+    """The model's tokenizer, with the special tokens its own files (and `hf`, its config) name."""
     from stagewise.data import Tokenizer
 
     if not path.is_file():
         raise CheckpointError(f"{source}: no {TOKENIZER}; stagewise needs the fast tokenizer file "
                               "(save the tokenizer with transformers to create it)")
     try:
-        tok = Tokenizer.load(path)
+        tok = Tokenizer.load(path, hf_config=hf)
     except DataError as e:
         raise CheckpointError(str(e)) from None
     if tok.vocab_size > mcfg.vocab_size:
@@ -200,8 +204,8 @@ def _publish(tmp: Path, out: Path) -> None:
 # ------------------------------------------------------------------------------------------ import
 
 def load_hf(src: str | Path, gguf_file: str | None = None, tok_dir: Path | None = None):
-    """(ModelConfig, stagewise state dict, HF config dict, dir holding tokenizer files) of an HF
-    directory, hub id or GGUF file, fully validated."""
+    """(ModelConfig, stagewise state dict, HF config dict, dir holding tokenizer files, Tokenizer) of
+    an HF directory, hub id or GGUF file, fully validated."""
     src_s = str(src)
     if gguf_file is None and src_s.endswith(".gguf"):
         gguf_file, src_s = Path(src_s).name, str(Path(src_s).parent)
@@ -232,8 +236,8 @@ def load_hf(src: str | Path, gguf_file: str | None = None, tok_dir: Path | None 
     check_state(sd, mcfg, family, str(path))
     if mcfg.tie_embeddings:
         sd.pop("output.weight", None)
-    _check_tokenizer(files_dir / TOKENIZER, mcfg, str(files_dir))
-    return mcfg, sd, hf, files_dir
+    tok = _check_tokenizer(files_dir / TOKENIZER, mcfg, str(files_dir), hf)
+    return mcfg, sd, hf, files_dir, tok
 
 
 def import_hf(src: str | Path, out: str | Path, gguf_file: str | None = None, log=print) -> Path:
@@ -242,7 +246,7 @@ def import_hf(src: str | Path, out: str | Path, gguf_file: str | None = None, lo
     if out.exists():
         raise ConfigError(f"{out}: already exists; choose a new output directory")
     with tempfile.TemporaryDirectory(prefix="stagewise-gguf-tok-") as tok_tmp:
-        mcfg, sd, hf, files_dir = load_hf(src, gguf_file, Path(tok_tmp))
+        mcfg, sd, hf, files_dir, tok = load_hf(src, gguf_file, Path(tok_tmp))
         tmp = _fresh_out(out)
         try:
             meta = {"format": "pt"}
@@ -254,12 +258,16 @@ def import_hf(src: str | Path, out: str | Path, gguf_file: str | None = None, lo
             for name in (TOKENIZER, *SIDE_FILES):
                 if (files_dir / name).is_file():
                     shutil.copyfile(files_dir / name, tmp / name)
+            if tok.specials.origin:
+                (tmp / SPECIALS_FILE).write_bytes(tok.specials_json())
             _publish(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     n = sum(t.numel() for t in sd.values())
-    log(f"imported {family_of(hf).architecture} ({n:,} parameters) -> {out}")
+    bos = f", every document starts with {tok.backend.id_to_token(tok.bos_id)!r}" if tok.add_bos else ""
+    log(f"imported {family_of(hf).architecture} ({n:,} parameters) -> {out}; documents end with "
+        f"{tok.eos_token!r}{bos}")
     return out
 
 
