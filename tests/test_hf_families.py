@@ -37,6 +37,11 @@ FAMILIES = {  # case: (config class, kwargs); GQA with one KV head, head_dim != 
                                                   tie_word_embeddings=False)),
     "qwen2-bias-tied": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen3-qknorm-hd24": ("Qwen3Config", dict(num_key_value_heads=1, head_dim=24, tie_word_embeddings=False)),
+    # use_sliding_window with max_window_layers 0: transformers slides on every layer
+    "qwen2-window8-every-layer": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=False,
+                                                      use_sliding_window=True, sliding_window=8, max_window_layers=0)),
+    "qwen3-window8-every-layer": ("Qwen3Config", dict(num_key_value_heads=1, tie_word_embeddings=True,
+                                                      use_sliding_window=True, sliding_window=8, max_window_layers=0)),
     "gemma3-local-global": ("Gemma3TextConfig", dict(
         num_key_value_heads=1, head_dim=24, tie_word_embeddings=True, sliding_window=8, query_pre_attn_scalar=20,
         layer_types=["sliding_attention", "sliding_attention", "full_attention"],
@@ -253,3 +258,74 @@ def test_recipe_init_from_an_hf_directory(tmp_path, tokenizer_files, corpus_dir,
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
     assert type(back) is type(hf)
     assert logits_diff(ours, back, tokens) <= 1e-4
+
+
+def _qwen_config_edit(d, drop=(), **changes):
+    cfg = json.loads((d / "config.json").read_text())
+    for key in drop:
+        cfg.pop(key, None)
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def test_qwen_sliding_window_import_and_export_agree(tmp_path, tokenizer_files):
+    """use_sliding_window on every layer imports as a window on every layer (the window really is in
+    effect: without it the logits differ) and exports as one that transformers reads back."""
+    import dataclasses
+
+    from stagewise.model import Transformer
+
+    hf = build_hf("qwen2-window8-every-layer", tmp_path / "hf", tokenizer_files)
+    import_hf(tmp_path / "hf", tmp_path / "sw", log=lambda m: None)
+    ours, _, mcfg = load_model(tmp_path / "sw", torch.device("cpu"))
+    assert (mcfg.sliding_window, mcfg.global_every) == (8, 0)
+    tokens = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(4))
+    assert logits_diff(ours, hf, tokens) <= 1e-4
+    full = Transformer(dataclasses.replace(mcfg, sliding_window=None)).eval()
+    full.load_state_dict(ours.state_dict())
+    assert logits_diff(full, hf, tokens) > 1e-2
+    export_hf(tmp_path / "sw", tmp_path / "back", log=lambda m: None)
+    back = transformers.AutoConfig.from_pretrained(tmp_path / "back")
+    assert back.use_sliding_window and back.sliding_window == 8 and set(back.layer_types) == {"sliding_attention"}
+
+
+@pytest.mark.parametrize("case", ["no-use_sliding_window", "max_window_layers-0"])
+def test_qwen_hub_style_configs_import_as_transformers_reads_them(case, tmp_path, tokenizer_files):
+    """Hub configs written by older transformers have no layer_types: which layers slide follows from
+    use_sliding_window (default false) and max_window_layers, as Qwen2Config derives them."""
+    build_hf("qwen2-window8-every-layer", tmp_path / "hf", tokenizer_files)
+    if case == "no-use_sliding_window":  # a sliding_window value alone does not turn the window on
+        _qwen_config_edit(tmp_path / "hf", drop=("layer_types", "use_sliding_window"))
+    else:
+        _qwen_config_edit(tmp_path / "hf", drop=("layer_types",), max_window_layers=0)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    import_hf(tmp_path / "hf", tmp_path / "sw", log=lambda m: None)
+    ours, _, mcfg = load_model(tmp_path / "sw", torch.device("cpu"))
+    assert mcfg.sliding_window == (None if case == "no-use_sliding_window" else 8)
+    tokens = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(5))
+    assert logits_diff(ours, ref, tokens) <= 1e-4
+
+
+def test_qwen_sliding_window_on_some_layers_is_refused(tmp_path, tokenizer_files, capsys):
+    build_hf("qwen2-window8-every-layer", tmp_path / "hf", tokenizer_files)
+    _qwen_config_edit(tmp_path / "hf", drop=("layer_types",), max_window_layers=1)  # layer 0 full, 1-2 sliding
+    with pytest.raises(ConfigError, match=r"HF config max_window_layers: Qwen2 import supports a sliding window "
+                                          r"on every layer or on none, got 1 \(full attention below layer 1"):
+        import_hf(tmp_path / "hf", tmp_path / "sw", log=lambda m: None)
+    # Nor a layer_types pattern with global layers between local ones, which a Qwen2 export could not write.
+    _qwen_config_edit(tmp_path / "hf", layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    with pytest.raises(ConfigError, match=r"HF config layer_types: Qwen2 import supports a sliding window on every "
+                                          r"layer or on none, got \['sliding_attention', 'full_attention'"):
+        import_hf(tmp_path / "hf", tmp_path / "sw", log=lambda m: None)
+    capsys.readouterr()
+    assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "sw")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and not (tmp_path / "sw").exists()
+    # Export refuses what Qwen2 cannot express either: local layers with some global ones between.
+    from stagewise.config.schema import ModelConfig
+    from stagewise.interop.hf_families import FAMILIES as HF_FAMILIES, to_hf_config
+
+    mixed = ModelConfig(vocab_size=V, d_model=64, n_layers=4, n_heads=4, attention_bias=True, sliding_window=8,
+                        global_every=2)
+    with pytest.raises(ConfigError, match=r"model.global_every: a Qwen2 export needs 0 \(every layer local\), got 2"):
+        to_hf_config(mixed, HF_FAMILIES["qwen2"])

@@ -6,8 +6,8 @@ need only torch/safetensors. tests/test_hf_families.py checks every family again
 
   llama        LlamaForCausalLM     (Llama 2/3/3.x, rope scaling none/linear/llama3)
   mistral      MistralForCausalLM   (optional sliding window on every layer)
-  qwen2        Qwen2ForCausalLM     (q/k/v biases)
-  qwen3        Qwen3ForCausalLM     (QK-norm)
+  qwen2        Qwen2ForCausalLM     (q/k/v biases; optional sliding window on every layer)
+  qwen3        Qwen3ForCausalLM     (QK-norm; optional sliding window on every layer)
   gemma3_text  Gemma3ForCausalLM    (GeGLU, (1+w) RMSNorm, sandwich norms, QK-norm, sqrt(d) embedding
                                      scale, query_pre_attn_scalar, local/global layers, two RoPE bases)
 """
@@ -127,23 +127,43 @@ def _hf_rope(cfg_theta: float, rs: RopeScalingConfig) -> dict:
     return out
 
 
-def _window(hf: dict, label: str) -> tuple[int | None, int]:
-    """(sliding_window, global_every) from HF's sliding_window + layer_types."""
+def _layer_types(hf: dict, model_type: str) -> tuple[list[str], str]:
+    """(HF's per-layer attention kinds, the config field they come from), as transformers derives them."""
+    n = hf["num_hidden_layers"]
+    if hf.get("layer_types"):
+        return list(hf["layer_types"]), "layer_types"
+    if model_type in ("qwen2", "qwen3"):  # Qwen2Config: the layers from max_window_layers on slide
+        first = hf.get("max_window_layers", 28)
+        return ["sliding_attention" if i >= first else "full_attention" for i in range(n)], "max_window_layers"
+    if model_type == "gemma3_text":  # Gemma3TextConfig: every sliding_window_pattern-th layer is global
+        every = hf.get("sliding_window_pattern", 6)
+        return ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)], \
+            "sliding_window_pattern"
+    return ["sliding_attention"] * n, "sliding_window"
+
+
+def _window(hf: dict, family: Family) -> tuple[int | None, int]:
+    """(sliding_window, global_every) from HF's sliding_window, use_sliding_window and layer kinds."""
     window = hf.get("sliding_window")
-    if window is None or hf.get("use_sliding_window") is False:
+    # Qwen's configs carry a sliding_window that is only used when use_sliding_window is true.
+    use = hf.get("use_sliding_window", family.model_type not in ("qwen2", "qwen3"))
+    if window is None or use is False:
         return None, 0
     n = hf["num_hidden_layers"]
-    types = hf.get("layer_types") or ["sliding_attention"] * n
+    types, source = _layer_types(hf, family.model_type)
     local = [t == "sliding_attention" for t in types]
     if not any(local):
         return None, 0
     if all(local):
         return int(window), 0
-    for every in range(2, n + 1):
-        if local == [(i + 1) % every != 0 for i in range(n)]:
+    qwen = family.model_type in ("qwen2", "qwen3")
+    for every in range(2, n + 1):  # Gemma's local/global pattern; a Qwen export could not write it back
+        if not qwen and local == [(i + 1) % every != 0 for i in range(n)]:
             return int(window), every
-    raise ConfigError(f"HF config layer_types: {label} import supports every layer local or every N-th layer "
-                      f"global, got {types}")
+    got = f"{hf['max_window_layers']} (full attention below layer {hf['max_window_layers']}, sliding above)" \
+        if source == "max_window_layers" else str(types)
+    valid = "on every layer or on none" if qwen else "on every layer, on none, or every N-th layer global"
+    raise ConfigError(f"HF config {source}: {family.label} import supports a sliding window {valid}, got {got}")
 
 
 def from_hf_config(hf: dict, base: ModelConfig | None = None) -> ModelConfig:
@@ -180,7 +200,7 @@ def from_hf_config(hf: dict, base: ModelConfig | None = None) -> ModelConfig:
         theta, scaling = _rope(params if params else hf.get("rope_scaling"), label)
         theta = theta or hf.get("rope_theta", 10_000.0)
         local_theta = None
-    window, every = _window(hf, label)
+    window, every = _window(hf, fam)
     d, heads = hf["hidden_size"], hf["num_attention_heads"]
     return replace(
         base or ModelConfig(), vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"],
@@ -217,10 +237,10 @@ def to_hf_config(cfg: ModelConfig, family: Family, original: dict | None = None)
         raise ConfigError(f"model.head_dim: a Qwen2 export needs d_model / n_heads = {cfg.d_model // cfg.n_heads}, "
                           f"got {hd}")
     local = [is_local_layer(cfg, i) for i in range(cfg.n_layers)]
-    if any(local) and mt in ("llama", "qwen2", "qwen3"):
+    if any(local) and mt == "llama":
         raise ConfigError(f"model.sliding_window: a {label} export needs null, got {cfg.sliding_window}")
-    if mt == "mistral" and any(local) and not all(local):
-        raise ConfigError(f"model.global_every: a Mistral export needs 0 (every layer local), got {cfg.global_every}")
+    if mt in ("mistral", "qwen2", "qwen3") and any(local) and not all(local):
+        raise ConfigError(f"model.global_every: a {label} export needs 0 (every layer local), got {cfg.global_every}")
     if gemma and cfg.rope_scaling.kind == "llama3":
         raise ConfigError("model.rope_scaling.kind: a Gemma 3 export supports none or linear, got 'llama3'")
 
@@ -264,6 +284,9 @@ def to_hf_config(cfg: ModelConfig, family: Family, original: dict | None = None)
         if mt == "mistral":
             hf["sliding_window"] = cfg.sliding_window if any(local) else None
         if mt in ("qwen2", "qwen3"):
-            hf.update(use_sliding_window=False, sliding_window=None, layer_types=["full_attention"] * cfg.n_layers)
+            hf.update(use_sliding_window=any(local), sliding_window=cfg.sliding_window if any(local) else None,
+                      layer_types=["sliding_attention" if x else "full_attention" for x in local])
+            if any(local):  # transformers slides from layer max_window_layers on: every layer, as we do
+                hf["max_window_layers"] = 0
     return hf
 
