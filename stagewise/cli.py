@@ -47,10 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="print config, size, FLOPs and predicted memory without training",
                         formatter_class=fmt, epilog=_config_epilog(),
                         description="Resolve a recipe and print: the resolved config, parameter counts, "
-                        "FLOPs per token (6*N_matmul + 12*L*H*Dh*T, PaLM appendix B), tokens per step, and a "
+                        "FLOPs per token (6*N_matmul + 12*L*H*Dh*T, PaLM appendix B), tokens per step, a "
                         "predicted peak memory split into weights, gradients, optimizer states, activations "
-                        "and logits. Nothing is trained or written. " + OVERRIDES_HELP)
+                        "and logits plus the process's fixed overhead (python with torch and stagewise imported, "
+                        "measured once per machine), and the cached peak GEMM rate MFU divides by. With init_from "
+                        "the model is the source's own architecture. Nothing is trained; only the per-machine "
+                        "caches in ~/.cache/stagewise are written. " + OVERRIDES_HELP)
     pl.add_argument("recipe", help="path to a recipe YAML")
+    pl.add_argument("--measure-peak", action="store_true",
+                    help="re-measure this machine's peak GEMM rate that MFU divides by (about 1 s of n x n x n "
+                    "matmuls in the recipe's compute dtype, device and thread count; run it on an idle machine) "
+                    "and cache it in ~/.cache/stagewise/peak_flops.json with when it was measured and the load "
+                    "average and CPU count at the time. Without it, plan prints the cached peak and its "
+                    "conditions, and training measures it once if it is missing.")
 
     sm = sub.add_parser("sample", help="generate text from a checkpoint",
                         description="Generate from a run directory (newest checkpoint), a checkpoint "

@@ -41,73 +41,11 @@ def cmd_resume(args, extra) -> int:
     return 0
 
 
-def _plan_vocab(cfg) -> tuple[int, str]:
-    import json
-
-    from stagewise.data import Tokenizer
-
-    if cfg.data.prepared:
-        manifest = Path(cfg.data.prepared) / "manifest.json"
-        if not manifest.is_file():
-            raise DataError(f"data.prepared: {cfg.data.prepared} has no manifest.json (run stagewise data prepare)")
-        return json.loads(manifest.read_text())["vocab_size"], "prepared dataset"
-    if cfg.data.tokenizer.path:
-        return Tokenizer.load(cfg.data.tokenizer.path).vocab_size, "tokenizer file"
-    return cfg.data.tokenizer.vocab_size, "BPE to be trained (at most)"
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:8.3f} GiB" if n >= 2**30 else f"{n / 2**20:8.1f} MiB"
-
-
 def cmd_plan(args, extra) -> int:
-    from stagewise.config.loader import dump_yaml, load_recipe
-    from stagewise.model import estimate_memory, flops_per_token, param_counts
-    from stagewise.precision import MODES
-    from stagewise.train.trainer import resolve_model_config
+    from stagewise.config.loader import load_recipe
+    from stagewise.plan import print_plan
 
-    cfg = load_recipe(args.recipe, _overrides(extra))
-    vocab, vocab_from = _plan_vocab(cfg)
-    mcfg = resolve_model_config(cfg.model, vocab)
-    prec = MODES[cfg.precision.mode]
-    # Kahan keeps one more bf16 buffer per weight, counted with the optimizer states.
-    optim_bytes = prec.optim_state_bytes + (2 if cfg.precision.kahan else 0)
-    B, T, A = cfg.train.batch_size, cfg.data.seq_len, cfg.train.grad_accum
-    counts = param_counts(mcfg)
-    fpt = flops_per_token(mcfg, T)
-    mem = estimate_memory(mcfg, B, T, param_bytes=prec.param_bytes + prec.master_bytes, grad_bytes=prec.grad_bytes,
-                          optim_bytes_per_param=optim_bytes,
-                          act_bytes=prec.compute_dtype.itemsize, fused_loss=prec.fused_loss)
-    tokens_per_step = B * T * A
-    print("# resolved config")
-    print(dump_yaml(cfg).rstrip())
-    print(f"\n# model (vocab {mcfg.vocab_size}: {vocab_from} {vocab}, padded to a multiple of {mcfg.pad_vocab_to})")
-    print(f"parameters:          {counts['total']:>14,}")
-    print(f"  embedding:         {counts['embedding']:>14,}")
-    print(f"  non-embedding:     {counts['non_embedding']:>14,}")
-    print(f"  in matmuls (N):    {counts['matmul']:>14,}  (output head counted even when tied)")
-    print(f"FLOPs per token:     {fpt:>14,}  (6*N + 12*layers*heads*head_dim*seq_len)")
-    print(f"tokens per step:     {tokens_per_step:>14,}  (batch {B} x seq {T} x accum {A})")
-    steps = cfg.train.steps
-    if cfg.stages:  # budgets per stage; an infinite schedule's cooldown may end a stage earlier
-        from stagewise.train.stages import stage_steps
-
-        steps = sum(stage_steps(cfg, i) for i in range(len(cfg.stages)))
-    total_tokens = tokens_per_step * steps
-    print(f"tokens in run:       {total_tokens:>14,}  ({steps} steps; "
-          f"{total_tokens / max(counts['total'], 1):.1f} tokens/param)")
-    print(f"FLOPs in run:        {fpt * total_tokens:>14.3e}")
-    print(f"\n# bytes per parameter ({cfg.precision.mode})")
-    per_param = prec.param_bytes + prec.grad_bytes + prec.master_bytes + optim_bytes
-    print(f"  weights {prec.param_bytes}, gradients {prec.grad_bytes}, separate master copy {prec.master_bytes}, "
-          f"optimizer states {optim_bytes}: {per_param} bytes")
-    if prec.compute_dtype.itemsize != prec.param_bytes:
-        print(f"  (the fp32 weights are the master copy; autocast makes a {prec.compute_dtype.itemsize}-byte working "
-              "copy of the matmul weights each forward, counted with the activations)")
-    print(f"\n# predicted peak memory ({cfg.precision.mode}, one micro-batch of {B} x {T})")
-    for key in ("params", "grads", "optimizer", "activations", "logits"):
-        print(f"  {key:<12}{_gib(mem[key])}")
-    print(f"  {'total':<12}{_gib(mem['total'])}")
+    print_plan(load_recipe(args.recipe, _overrides(extra)), measure_peak=args.measure_peak)
     return 0
 
 

@@ -8,7 +8,9 @@ matrix. N_matmul counts every weight used in a matmul, the output head included 
 tied to the embedding), and excludes the embedding lookup and norm gains. peak_flops is
 not a datasheet number: it is measured once per machine, thread count and dtype by timing
 large square matmuls (see `measure_peak_flops`) and cached, so MFU says how close training
-gets to what this machine's GEMM actually reaches.
+gets to what this machine's GEMM actually reaches. The cache records when it was measured and
+under what load (load average, CPU count), since a peak taken on busy cores is too low;
+`stagewise plan --measure-peak` re-measures it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import json
 import os
 import platform
 import resource
+import subprocess
+import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -59,9 +64,37 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def _cache_file() -> Path:
+def _cache_dir() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "stagewise" / "peak_flops.json"
+    return Path(root) / "stagewise"
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _write_cache(path: Path, key: str, entry: dict) -> None:
+    cache = _read_cache(path)  # re-read: another process may have added its own entries meanwhile
+    cache[key] = entry
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home only costs a re-measurement next time
+
+
+def _conditions() -> dict:
+    """When and under what load a machine number was measured: a GEMM peak taken while other jobs
+    share the cores is low, and every MFU computed from it too high."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"measured_at": datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds"),
+            "loadavg": [round(x, 2) for x in load] if load else None, "cpus": os.cpu_count()}
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
@@ -81,26 +114,53 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float 
     return best
 
 
+def peak_key(device: torch.device, dtype: torch.dtype) -> str:
+    return f"{_device_name(device)}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__}"
+
+
+def peak_flops_entry(device: torch.device, dtype: torch.dtype, measure: str = "if-missing") -> dict | None:
+    """The cached peak for this device/threads/dtype as {"flops", "measured_at", "loadavg", "cpus",
+    "threads"}; measure "if-missing" (and cache it), "always" (re-measure), or "never" (None if absent).
+    An entry cached before the conditions were recorded (a bare float) reads as {"flops": value}."""
+    key, path = peak_key(device, dtype), _cache_dir() / "peak_flops.json"
+    entry = _read_cache(path).get(key)
+    if isinstance(entry, (int, float)):
+        entry = {"flops": float(entry)}
+    if measure == "always" or (entry is None and measure == "if-missing"):
+        entry = {"flops": measure_peak_flops(device, dtype), **_conditions(), "threads": torch.get_num_threads()}
+        _write_cache(path, key, entry)
+    return entry
+
+
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """Measured peak for this device/threads/dtype, cached on disk; STAGEWISE_PEAK_FLOPS overrides."""
     if os.environ.get(PEAK_ENV):
         return float(os.environ[PEAK_ENV])
-    key = f"{_device_name(device)}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__}"
-    path = _cache_file()
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if key not in cache:
-        cache[key] = measure_peak_flops(device, dtype)
+    return float(peak_flops_entry(device, dtype)["flops"])
+
+
+# What a training process has imported before it builds anything: the interpreter, torch, stagewise's
+# training stack. Measured in a fresh interpreter, as the high-water mark peak_memory_bytes reads.
+_OVERHEAD_PROBE = ("import stagewise.cli, stagewise.commands, stagewise.train.trainer, stagewise.train.stages\n"
+                   "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0])")
+
+
+def process_overhead(measure: str = "if-missing") -> dict | None:
+    """Peak RSS of a fresh process with torch and stagewise imported, {"bytes", "measured_at", ...};
+    measured once per machine, Python and torch version, and cached beside the GEMM peak. None
+    where it cannot be measured (no /proc: not Linux) or with measure "never" and nothing cached."""
+    key = f"{_device_name(torch.device('cpu'))}|python={platform.python_version()}|torch={torch.__version__}"
+    path = _cache_dir() / "process_overhead.json"
+    entry = _read_cache(path).get(key)
+    if measure == "always" or (entry is None and measure == "if-missing"):
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(cache, indent=1))
-            os.replace(tmp, path)
-        except OSError:
-            pass  # a read-only home only costs a re-measurement next time
-    return float(cache[key])
+            out = subprocess.run([sys.executable, "-c", _OVERHEAD_PROBE], capture_output=True, text=True,
+                                 timeout=300, check=True).stdout
+            entry = {"bytes": int(out.split()[-1]) * 1024, **_conditions()}
+        except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+            return None
+        _write_cache(path, key, entry)
+    return entry
 
 
 class MetricsLog:

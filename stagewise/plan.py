@@ -1,0 +1,177 @@
+"""`stagewise plan`: what a recipe will train, how many FLOPs it costs and how much memory it needs.
+
+The model is the one training would build: the recipe's `model` section with the tokenizer's vocab,
+or, with `init_from` (or `stages[0].init_from`), the source's own architecture, read from its config
+without loading its weights. Predicted memory is the training state (stagewise/model/flops.py) plus
+the process's fixed overhead (the interpreter with torch and stagewise imported, measured once per
+machine), so the total reads like the `peak_mem_bytes` a CPU run logs (docs/metrics.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from stagewise.errors import ConfigError, DataError
+
+
+def _vocab(cfg) -> tuple[int, str]:
+    from stagewise.data import Tokenizer
+
+    if cfg.data.prepared:
+        manifest = Path(cfg.data.prepared) / "manifest.json"
+        if not manifest.is_file():
+            raise DataError(f"data.prepared: {cfg.data.prepared} has no manifest.json (run stagewise data prepare)")
+        return json.loads(manifest.read_text())["vocab_size"], "prepared dataset"
+    if cfg.data.tokenizer.path:
+        return Tokenizer.load(cfg.data.tokenizer.path).vocab_size, "tokenizer file"
+    return cfg.data.tokenizer.vocab_size, "BPE to be trained (at most)"
+
+
+def plan_model(cfg):
+    """(model config training would build, where its vocabulary comes from, that vocabulary's size,
+    the init_from it is read from or None)."""
+    from stagewise import rundir
+    from stagewise.data import Tokenizer
+    from stagewise.train.trainer import resolve_model_config
+
+    init = cfg.init_from or (cfg.stages[0].init_from if cfg.stages else None)
+    if not init:
+        vocab, vocab_from = _vocab(cfg)
+        return resolve_model_config(cfg.model, vocab), vocab_from, vocab, None
+    mcfg, tok_dir = rundir.load_init_config(init)
+    if cfg.data.seq_len > mcfg.max_seq_len:  # the trainer's own check, before anything is loaded
+        raise ConfigError(f"data.seq_len: expected <= {mcfg.max_seq_len} (max_seq_len of init_from {init}), "
+                          f"got {cfg.data.seq_len}")
+    return mcfg, f"the tokenizer of {init}", Tokenizer.load(Path(tok_dir) / rundir.TOKENIZER).vocab_size, init
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:8.3f} GiB" if n >= 2**30 else f"{n / 2**20:8.1f} MiB"
+
+
+def _on_cuda(cfg) -> bool:
+    return cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+
+
+def _conditions(entry: dict) -> str:
+    if "measured_at" not in entry:
+        return "measured before stagewise recorded when; re-measure with --measure-peak"
+    load = entry.get("loadavg")
+    load_s = "/".join(f"{x:.2f}" for x in load) if load else "unknown"
+    return f"measured {entry['measured_at']}, load average {load_s} (1/5/15 min) on {entry.get('cpus')} CPUs"
+
+
+def print_peak(cfg, measure: bool) -> None:
+    """The cached GEMM peak MFU divides by, with when and under what load it was measured."""
+    import os
+
+    from stagewise.precision import build_precision
+    from stagewise.train.metrics import PEAK_ENV, peak_flops_entry
+
+    print("\n# MFU peak (best n x n x n GEMM rate on this machine, docs/metrics.md)")
+    if _on_cuda(cfg) and not torch.cuda.is_available():
+        print("  device is CUDA, not available here: the peak is measured where training runs")
+        return
+    from stagewise.train.trainer import pick_device
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # the peak is kept per thread count, as training sets it
+    device = pick_device(cfg.device)
+    precision = build_precision(cfg.precision, device)
+    # The dtype training takes its peak in: the GEMMs' own, where a mode runs them in another one.
+    compute_dtype = getattr(precision, "gemm_dtype", precision.compute_dtype)
+    entry = peak_flops_entry(device, compute_dtype, "always" if measure else "never")
+    if entry is None:
+        print(f"  {compute_dtype} on {device.type}, {torch.get_num_threads()} threads: not measured yet (the "
+              "first training step measures it, about 1 s; or run plan --measure-peak)")
+    else:
+        print(f"  {entry['flops']:.3e} FLOP/s {compute_dtype} on {device.type}, {torch.get_num_threads()} threads "
+              f"({_conditions(entry)})")
+    if os.environ.get(PEAK_ENV):
+        print(f"  {PEAK_ENV}={os.environ[PEAK_ENV]} is set: training uses that value instead")
+
+
+def print_memory(cfg, mem: dict) -> None:
+    """Training state by part, the fixed overhead, and their sum (what peak_mem_bytes is compared with)."""
+    from stagewise.train.metrics import process_overhead
+
+    B, T = cfg.train.batch_size, cfg.data.seq_len
+    print(f"\n# predicted peak memory ({cfg.precision.mode}, one micro-batch of {B} x {T})")
+    for key in ("params", "grads", "optimizer", "activations", "logits"):
+        print(f"  {key:<12}{_gib(mem[key])}")
+    print(f"  {'state':<12}{_gib(mem['total'])}  (what training adds)")
+    if _on_cuda(cfg):
+        print("  on CUDA, peak_mem_bytes is the allocator's peak: it holds the state alone, so the process's "
+              "own memory is not added")
+        print(f"  {'total':<12}{_gib(mem['total'])}")
+        return
+    overhead = process_overhead()
+    if overhead is None:
+        print("  overhead    unknown (needs /proc/self/status, Linux): total is the state alone")
+        print(f"  {'total':<12}{_gib(mem['total'])}")
+        return
+    print(f"  {'overhead':<12}{_gib(overhead['bytes'])}  (python with torch and stagewise imported, peak RSS "
+          f"of a fresh process, {overhead['measured_at']})")
+    print(f"  {'total':<12}{_gib(overhead['bytes'] + mem['total'])}  (compare with peak_mem_bytes: the "
+          "process's VmHWM)")
+
+
+def print_plan(cfg, measure_peak: bool = False) -> None:
+    """Everything `stagewise plan` prints; trains nothing, writes nothing but the machine caches."""
+    from stagewise.config.loader import dump_yaml
+    from stagewise.model import estimate_memory
+    from stagewise.precision import MODES
+
+    mcfg, vocab_from, vocab, init = plan_model(cfg)
+    prec = MODES[cfg.precision.mode]
+    # Kahan keeps one more bf16 buffer per weight, counted with the optimizer states.
+    optim_bytes = prec.optim_state_bytes + (2 if cfg.precision.kahan else 0)
+    B, T = cfg.train.batch_size, cfg.data.seq_len
+    mem = estimate_memory(mcfg, B, T, param_bytes=prec.param_bytes + prec.master_bytes, grad_bytes=prec.grad_bytes,
+                          optim_bytes_per_param=optim_bytes,
+                          act_bytes=prec.compute_dtype.itemsize, fused_loss=prec.fused_loss)
+    print("# resolved config" + (f" (model: the architecture of init_from {init}; the recipe's model section is "
+                                 "ignored)" if init else ""))
+    print(dump_yaml(dataclasses.replace(cfg, model=mcfg) if init else cfg).rstrip())
+    if init:
+        print(f"\n# model (imported from {init}: vocab {mcfg.vocab_size}; {vocab_from} has {vocab} tokens)")
+    else:
+        print(f"\n# model (vocab {mcfg.vocab_size}: {vocab_from} {vocab}, padded to a multiple of {mcfg.pad_vocab_to})")
+    _print_sizes(cfg, mcfg)
+    print(f"\n# bytes per parameter ({cfg.precision.mode})")
+    per_param = prec.param_bytes + prec.grad_bytes + prec.master_bytes + optim_bytes
+    print(f"  weights {prec.param_bytes}, gradients {prec.grad_bytes}, separate master copy {prec.master_bytes}, "
+          f"optimizer states {optim_bytes}: {per_param} bytes")
+    if prec.compute_dtype.itemsize != prec.param_bytes:
+        print(f"  (the fp32 weights are the master copy; autocast makes a {prec.compute_dtype.itemsize}-byte working "
+              "copy of the matmul weights each forward, counted with the activations)")
+    print_memory(cfg, mem)
+    print_peak(cfg, measure_peak)
+
+
+def _print_sizes(cfg, mcfg) -> None:
+    from stagewise.model import flops_per_token, param_counts
+
+    B, T, A = cfg.train.batch_size, cfg.data.seq_len, cfg.train.grad_accum
+    counts = param_counts(mcfg)
+    fpt = flops_per_token(mcfg, T)
+    tokens_per_step = B * T * A
+    print(f"parameters:          {counts['total']:>14,}")
+    print(f"  embedding:         {counts['embedding']:>14,}")
+    print(f"  non-embedding:     {counts['non_embedding']:>14,}")
+    print(f"  in matmuls (N):    {counts['matmul']:>14,}  (output head counted even when tied)")
+    print(f"FLOPs per token:     {fpt:>14,}  (6*N + 12*layers*heads*head_dim*seq_len)")
+    print(f"tokens per step:     {tokens_per_step:>14,}  (batch {B} x seq {T} x accum {A})")
+    steps = cfg.train.steps
+    if cfg.stages:  # budgets per stage; an infinite schedule's cooldown may end a stage earlier
+        from stagewise.train.stages import stage_steps
+
+        steps = sum(stage_steps(cfg, i) for i in range(len(cfg.stages)))
+    total_tokens = tokens_per_step * steps
+    print(f"tokens in run:       {total_tokens:>14,}  ({steps} steps; "
+          f"{total_tokens / max(counts['total'], 1):.1f} tokens/param)")
+    print(f"FLOPs in run:        {fpt * total_tokens:>14.3e}")
