@@ -329,3 +329,17 @@ def test_qwen_sliding_window_on_some_layers_is_refused(tmp_path, tokenizer_files
                         global_every=2)
     with pytest.raises(ConfigError, match=r"model.global_every: a Qwen2 export needs 0 \(every layer local\), got 2"):
         to_hf_config(mixed, HF_FAMILIES["qwen2"])
+
+
+def test_gemma3_config_without_layer_types_follows_sliding_window_pattern():
+    """Older Gemma 3 configs give sliding_window_pattern instead of layer_types; the local/global layout
+    is the one transformers' Gemma3TextConfig derives from it."""
+    from stagewise.interop.hf_families import from_hf_config
+    from stagewise.model.llama import is_local_layer
+
+    ref = transformers.Gemma3TextConfig(num_hidden_layers=12, sliding_window=8, sliding_window_pattern=4)
+    hf = {k: v for k, v in ref.to_dict().items() if k != "layer_types"}
+    hf["sliding_window_pattern"] = 4
+    cfg = from_hf_config(hf)
+    assert [is_local_layer(cfg, i) for i in range(12)] == [t == "sliding_attention" for t in ref.layer_types]
+    assert (cfg.sliding_window, cfg.global_every) == (8, 4)
