@@ -474,6 +474,8 @@ def test_modes_run_end_to_end_from_a_recipe(e2e, flags):
     rows = read_metrics(root / "runs" / name / "metrics.jsonl")
     assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)
     assert "grad_flushed_frac" in rows[1] and "grad_flushed_frac" not in rows[0]
+    assert "act_grad_layers" in rows[1] and "act_grad_sampled" not in rows[0]  # activation gradients too
+    assert ("act_grad_lost_frac" in rows[1]) == (not flags[0].endswith("fp8"))  # fp8: no reference pass
     assert ("loss_scale" in rows[0]) == (flags[0].endswith("fp16-mixed"))
     assert (root / "runs" / name / "final" / "model.safetensors").is_file()
 

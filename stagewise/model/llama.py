@@ -269,6 +269,14 @@ class Transformer(nn.Module):
             inductor_config.emulate_precision_casts = True
         self._compiled = [torch.compile(layer) for layer in self.layers] if enabled else None
 
+    def activation_sites(self) -> dict[str, nn.Module]:
+        """The modules an uncached forward calls whose outputs are the activations: each block (its
+        compiled wrapper after compile_blocks, so that hooks stay outside the compiled code), the
+        final norm (the output head's input) and the head (the logits; the fused loss never calls
+        it). Code outside the model hooks them (precision telemetry, stagewise/precision/act_grads.py)."""
+        blocks = self._compiled if self._compiled is not None else self.layers
+        return {**{f"layers.{i}": b for i, b in enumerate(blocks)}, "head_input": self.norm, "logits": self.output}
+
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """The initialisation stated in the module docstring; `generator` makes it independent

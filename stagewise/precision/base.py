@@ -4,7 +4,8 @@ The step function calls a Precision at fixed points, in this order:
 
     model = precision.setup(model)                 # once: cast / wrap modules
     optimizer = precision.setup_optimizer(opt)     # once: may replace the update rule (bf16-pure)
-    with precision.autocast(): loss = ...          # forward under the compute dtype
+    with precision.autocast(): loss = ...          # forward under the compute dtype (telemetry steps:
+                                                   #   activation-gradient probes armed, act_grads.py)
     precision.backward(loss)                       # scales the loss if the mode uses loss scaling
     precision.unscale_(optimizer)                  # gradients back to true scale, before clipping
     applied = precision.step(optimizer, grad_norm) # the optimizer-step hook: may skip the step
@@ -45,6 +46,9 @@ class Precision:
     # Whether the model may fuse its output head with the loss (stagewise/model/loss.py); off
     # where this mode's numerics are implemented around the plain ops.
     fused_loss = True
+    # Whether activation-gradient telemetry runs its reference backward (act_grads.py); off where a
+    # second backward would change state (fp8 delayed-scaling histories, format counters).
+    act_grad_reference = True
     param_bytes = 4
     grad_bytes = 4
     master_bytes = 0
@@ -57,6 +61,8 @@ class Precision:
         self._skipped, self._skipped_dev = 0, None
         self._metrics: dict = {}
         self._names: dict[int, str] = {}
+        self._model: torch.nn.Module | None = None
+        self._act = None  # ActGradProbes, on telemetry steps of modes with a grad_format
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -66,6 +72,7 @@ class Precision:
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
         self._names = {id(p): n for n, p in model.named_parameters()}
+        self._model = model
         if hasattr(model, "fused_loss"):
             model.fused_loss = self.fused_loss
         return model
@@ -75,11 +82,32 @@ class Precision:
 
     def teardown(self, model: torch.nn.Module) -> torch.nn.Module:
         """Undo setup (a precision schedule switches modes): plain modules, fp32 parameters."""
+        if self._act is not None:
+            self._act.disarm()
+        self._model = None
         return model
 
     # -- the step ----------------------------------------------------------------------------
 
     def autocast(self):
+        """The forward's numeric context. Before a telemetry step's forward it also arms the
+        activation-gradient probes (removed again when the step's telemetry is read) and runs
+        compiled blocks eagerly for that step: a compiled backward donates saved buffers, so it
+        cannot run twice (the probes' reference pass), and the probes' Python stays out of graphs."""
+        ctx = self.compute_context()
+        if self.grad_format is None or self._model is None or not self.telemetry_due():
+            return ctx
+        if self._act is None:
+            from stagewise.precision.act_grads import ActGradProbes
+
+            self._act = ActGradProbes(self.grad_format, reference=self.act_grad_reference)
+        self._act.arm(self._model)
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.compiler.set_stance("force_eager"))
+        stack.enter_context(ctx)
+        return stack
+
+    def compute_context(self):
         return contextlib.nullcontext()
 
     def telemetry_due(self) -> bool:
@@ -88,6 +116,12 @@ class Precision:
         return bool(every) and (self.steps + 1) % every == 0
 
     def backward(self, loss: torch.Tensor) -> None:
+        self._backward(loss)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """loss.backward(), preceded on telemetry steps by the probes' reference pass."""
+        if self._act is not None and self._act.armed:
+            self._act.reference_backward(loss)
         loss.backward()
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
@@ -103,6 +137,7 @@ class Precision:
         self._metrics = {}
         if self.telemetry_due():
             self._metrics.update(self._grad_telemetry(optimizer, scale=1.0))
+            self._metrics.update(self._act_telemetry())
         applied = torch.isfinite(grad_norm)
         _apply(optimizer, applied)
         self._count(applied)
@@ -137,6 +172,10 @@ class Precision:
                 if p.grad is not None and p.ndim >= 2:
                     stats.add(self._names.get(id(p), "?"), p.grad.float() * scale)
         return stats.summary()
+
+    def _act_telemetry(self) -> dict:
+        """The activation-gradient keys of the step just backpropagated; disarms the probes."""
+        return self._act.summary() if self._act is not None and self._act.armed else {}
 
     def metrics(self) -> dict:
         """Telemetry of the last step, merged into its metrics.jsonl line (empty on most steps)."""
@@ -200,5 +239,5 @@ class BF16Mixed(Precision):
     compute_dtype = torch.bfloat16
     grad_format = torch.bfloat16
 
-    def autocast(self):
+    def compute_context(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)

@@ -150,12 +150,15 @@ class FP16Mixed(Precision):
     def autocast(self):
         if self._stats is None and self.emulate and self.telemetry_due():
             self._stats = GradFormatStats(torch.float16)  # filled by the backward of the coming step
+        return super().autocast()
+
+    def compute_context(self):
         if self.emulate:
             return _FP16Emulation(self)
         return torch.autocast(device_type=self.device.type, dtype=torch.float16)
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss.float() * self.scaler.scale).backward()
+        self._backward(loss.float() * self.scaler.scale)
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         self._metrics = {"loss_scale": self.scaler.scale}
@@ -164,6 +167,7 @@ class FP16Mixed(Precision):
                 self._metrics.update(self._stats.summary())
             else:  # CUDA: measure the fp32 .grad, still scaled, against fp16
                 self._metrics.update(self._grad_telemetry(optimizer, scale=1.0))
+            self._metrics.update(self._act_telemetry())  # activation gradients, still scaled
         self._stats = None
         inv = 1.0 / self.scaler.scale
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]

@@ -2,15 +2,18 @@
 
 Two measurements, both defined in docs/precision.md and tested on hand-built tensors:
 
-GradFormatStats — for each weight matrix, a strided sample of at most SAMPLE elements of the
-gradient g as computed in fp32 (for fp16-mixed: multiplied by the loss scale, i.e. the value
-fp16 storage has to hold) is rounded to the gradient format F (round to nearest even) and
-compared with itself:
-    flushed    g != 0 and F(g) == 0                 (underflow: the format made it zero)
+GradFormatStats — for each sampled tensor (a weight gradient, or an activation gradient at one
+probe of act_grads.py), a strided sample of at most SAMPLE elements of the gradient g as it
+reaches the storage (for fp16-mixed: multiplied by the loss scale, i.e. the value fp16 storage
+has to hold) is rounded to the gradient format F (round to nearest even) and compared with itself:
+    flushed    g != 0 and F(g) == 0                 (underflow: the format made it zero here)
     subnormal  F(g) != 0 and |F(g)| < finfo(F).tiny  (kept, but with fewer mantissa bits)
     overflow   g finite and F(g) infinite
     nonfinite  g already inf/NaN
-Fractions are over all sampled elements of all layers (element-weighted).
+and, where a reference sample is given (the support: where a well-scaled backward carries a
+nonzero gradient, see act_grads.py):
+    lost       support and F(g) == 0                 (zero here, whether flushed here or upstream)
+Fractions are over all sampled elements of all layers (element-weighted); lost is over the support.
 
 LostUpdate — for weights stored in a low-precision format, the update arithmetic intends
 u = w_new_exact - w_before (computed in fp32), but storage keeps w_after = round(w_new_exact):
@@ -24,10 +27,12 @@ import math
 
 import torch
 
-SAMPLE = 4096  # elements per layer; a strided sample covers every row of a matrix cheaply
+SAMPLE = 4096  # elements per tensor; a strided sample covers every row of a matrix cheaply
+_FIELDS = ("sampled", "flushed", "subnormal", "overflow", "nonfinite", "support", "lost")
 
 
-def _sample(g: torch.Tensor) -> torch.Tensor:
+def sample(g: torch.Tensor) -> torch.Tensor:
+    """Every ceil(n / SAMPLE)-th element of g, as fp32: at most SAMPLE elements."""
     flat = g.detach().reshape(-1)
     stride = max(1, -(-flat.numel() // SAMPLE))  # ceil: at most SAMPLE elements
     return flat[::stride].float()
@@ -37,32 +42,57 @@ class GradFormatStats:
     def __init__(self, fmt: torch.dtype):
         self.fmt = fmt
         self.tiny = torch.finfo(fmt).tiny
-        self.layers: dict[str, list[int]] = {}  # name -> [sampled, flushed, subnormal, overflow, nonfinite]
+        self.layers: dict[str, list[int]] = {}  # name -> counts in _FIELDS order
+        self.has_reference = False
 
-    def add(self, name: str, grad: torch.Tensor) -> None:
-        g = _sample(grad)
+    def add(self, name: str, grad: torch.Tensor, support: torch.Tensor | None = None) -> None:
+        """Count one tensor; `support` (bool, the same strided sample of a tensor of the same shape)
+        marks the elements a reference backward carries as nonzero."""
+        g = sample(grad)
         r = g.to(self.fmt).float()
         finite = torch.isfinite(g)
         counts = [g.numel(),
                   int(((g != 0) & (r == 0)).sum()),
                   int(((r != 0) & (r.abs() < self.tiny)).sum()),
                   int((finite & ~torch.isfinite(r)).sum()),
-                  int((~finite).sum())]
-        acc = self.layers.setdefault(name, [0] * 5)
+                  int((~finite).sum()), 0, 0]
+        if support is not None:
+            self.has_reference = True
+            counts[5] = int(support.sum())
+            counts[6] = int((support & (r == 0)).sum())
+        acc = self.layers.setdefault(name, [0] * len(_FIELDS))
         for i, c in enumerate(counts):
             acc[i] += c
 
-    def summary(self) -> dict:
+    def _frac(self, v: list[int]) -> float:
+        """The fraction a layer is ranked by: lost / support with a reference, else (flushed + subnormal) / n."""
+        if self.has_reference:
+            return v[6] / v[5] if v[5] else 0.0
+        return (v[1] + v[2]) / max(v[0], 1)
+
+    def summary(self, prefix: str = "grad", per_layer: bool = False) -> dict:
         if not self.layers:
             return {}
-        tot = [sum(v[i] for v in self.layers.values()) for i in range(5)]
+        tot = [sum(v[i] for v in self.layers.values()) for i in range(len(_FIELDS))]
         n = max(tot[0], 1)
-        worst = max(self.layers, key=lambda k: (self.layers[k][1] + self.layers[k][2]) / max(self.layers[k][0], 1))
-        w = self.layers[worst]
-        return {"grad_format": str(self.fmt).removeprefix("torch."), "grad_sampled": tot[0],
-                "grad_flushed_frac": tot[1] / n, "grad_subnormal_frac": tot[2] / n,
-                "grad_overflow": tot[3], "grad_nonfinite": tot[4],
-                "grad_worst_layer": worst, "grad_worst_layer_frac": (w[1] + w[2]) / max(w[0], 1)}
+        worst = max(self.layers, key=lambda k: self._frac(self.layers[k]))
+        out = {"grad_format": str(self.fmt).removeprefix("torch."), f"{prefix}_sampled": tot[0],
+               f"{prefix}_flushed_frac": tot[1] / n, f"{prefix}_subnormal_frac": tot[2] / n,
+               f"{prefix}_overflow": tot[3], f"{prefix}_nonfinite": tot[4]}
+        if self.has_reference:
+            out[f"{prefix}_lost_frac"] = tot[6] / tot[5] if tot[5] else 0.0
+        out[f"{prefix}_worst_layer"] = worst
+        out[f"{prefix}_worst_layer_frac"] = self._frac(self.layers[worst])
+        if per_layer:
+            out[f"{prefix}_layers"] = {k: self._layer(v) for k, v in self.layers.items()}
+        return out
+
+    def _layer(self, v: list[int]) -> dict:
+        n = max(v[0], 1)
+        d = {"sampled": v[0], "flushed_frac": v[1] / n, "subnormal_frac": v[2] / n}
+        if self.has_reference:
+            d["lost_frac"] = v[6] / v[5] if v[5] else 0.0
+        return d
 
 
 class LostUpdate:
