@@ -1,5 +1,6 @@
 """Precision telemetry on cases with known answers: activation-gradient underflow (the gradient lost at
-the logits, before any weight gradient exists)."""
+the logits, before any weight gradient exists) and the lost-update fraction / drift of pure bf16 with
+round-to-nearest, stochastic rounding and Kahan compensation."""
 
 import math
 
@@ -10,9 +11,9 @@ from stagewise.config.schema import LossScaleConfig, ModelConfig, OptimConfig, P
 from stagewise.model import Transformer
 from stagewise.objectives import OBJECTIVES, Batch, ObjectiveOutput, causal_lm_loss
 from stagewise.optim import build_optimizer
-from stagewise.precision import build_precision
+from stagewise.precision import CompensatedAdamW, build_precision
 from stagewise.precision.act_grads import _rescale
-from stagewise.precision.telemetry import SAMPLE, GradFormatStats, sample
+from stagewise.precision.telemetry import SAMPLE, GradFormatStats, LostUpdate, sample
 from stagewise.train.step import train_step
 
 CPU = torch.device("cpu")
@@ -180,3 +181,85 @@ def test_activation_telemetry_with_compiled_blocks():
         graphs = counters["stats"]["unique_graphs"]
     assert graphs == 1 and not counters["graph_break"]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+# --- lost updates and the Kahan pair ---------------------------------------------------------
+
+
+def test_lost_update_along_known_answers():
+    before, u = torch.ones(4), torch.full((4,), 2.0**-10)
+    for after, frac, along in ((before, 1.0, 1.0), (before + u, 0.0, 0.0), (before + u / 2, 0.5, 0.5),
+                               (before + 2 * u, 1.0, -1.0)):
+        lu = LostUpdate()
+        lu.add(before, after, u)
+        assert (lu.value(), lu.along()) == pytest.approx((frac, along), abs=1e-12)
+    assert LostUpdate().along() is None
+
+
+U = float(torch.tensor(1e-4, dtype=torch.float32))  # the fp32 update each step below (lr 1e-4, g = -1)
+
+
+def _ones(n: int, steps: int, **flags):
+    """Weights 1.0 and a constant update of 1e-4 (AdamW with betas 0 and g = -1 steps by exactly lr);
+    yields (lost_update_frac, lost_update_along_frac, w, c) after every step."""
+    p = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16))
+    opt = CompensatedAdamW([p], lr=1e-4, betas=(0.0, 0.0), weight_decay=0.0, eps=1e-12, **flags)
+    for _ in range(steps):
+        p.grad = torch.full_like(p, -1.0)
+        opt.lost = LostUpdate()
+        opt.step()
+        c = opt.state[p].get("compensation")
+        yield opt.lost.value(), opt.lost.along(), p.detach().double(), None if c is None else c.double()
+
+
+def test_lost_update_follows_the_effective_weight():
+    # Round to nearest: 1e-4 is below half an ulp of 1.0 (2^-8); every update is lost, w never moves.
+    for frac, along, w, _ in _ones(4, 50):
+        assert frac == 1.0 and along == 1.0 and w.eq(1.0).all()
+    # Kahan: the effective weight w + c moves by t - w - c up to the bf16 rounding of c.
+    rows = list(_ones(4, 38, kahan=True))
+    c1 = float(torch.tensor(float(torch.tensor(1.0) + U) - 1.0).to(torch.bfloat16))  # fp32 t - w, stored bf16
+    assert rows[0][0] == pytest.approx(abs(c1 - U) / U, rel=1e-9)
+    # Step 38 is the first where w moves (by one ulp, 2^-7); the old measurement, (w' - w - u) / u,
+    # read 77.1 there. The pair moves by (1 + 2^-7 + c38) - (1 + c37) with these stored values:
+    c37, c38 = float(rows[36][3][0]), float(rows[37][3][0])
+    assert (c37, c38) == (0.003814697265625, -0.0038909912109375) and float(rows[37][2][0]) == 1 + 2.0**-7
+    assert rows[37][0] == pytest.approx(abs((2.0**-7 + c38 - c37) - U) / U, rel=1e-9)
+    assert rows[37][0] == pytest.approx(0.0681, abs=1e-4)
+    # Stochastic rounding lands 0 or one ulp (2^-7) with P(up) = u / ulp: unbiased, so along ~ 0,
+    # but each step's error has rms sqrt(u (ulp - u)), i.e. lost_update_frac = sqrt(ulp / u - 1).
+    n = 1 << 14
+    frac, along, _, _ = next(_ones(n, 1, stochastic_rounding=True))
+    p_up = U / 2.0**-7
+    sd_along = math.sqrt(p_up * (1 - p_up) / n) * 2.0**-7 / U  # binomial sd of the mean step / u
+    assert frac == pytest.approx(math.sqrt(2.0**-7 / U - 1), rel=0.15)
+    assert abs(along) < 4 * sd_along
+
+
+def test_kahan_pair_drift_is_the_bf16_rounding_of_the_compensation():
+    """Over 1000 steps the pair (w, c) follows t = w + u + c (fp32), w' = RN_bf16(t),
+    c' = RN_bf16(t - w') exactly (an independent numpy / ml_dtypes recurrence), and drifts from the
+    exact fp64 sum 1 + N u. The drift telescopes into two per-step sums: e_c = c' - (t - w') (storing
+    c in bf16) and e_t = t - (w + c + u) (the fp32 adds). Bounds: |t - w'| < 2^-8 (half an ulp of
+    w' in [1, 2)) so |e_c| <= 2^-17 (half a bf16 ulp below 2^-8); |e_t| <= 2 * 2^-24 (two fp32
+    roundings near 1-1.1). Hence |drift| <= N (2^-17 + 2^-23)."""
+    ml = pytest.importorskip("ml_dtypes")
+    import numpy as np
+
+    bf16, f32 = ml.bfloat16, np.float32
+    n_steps = 1000
+    w, c, u = bf16(1.0), bf16(0.0), f32(U)
+    e_c = e_t = 0.0
+    for step, (_, _, tw, tc) in enumerate(_ones(1, n_steps, kahan=True)):
+        t = f32(f32(f32(w) + u) + f32(c))
+        w_new = bf16(t)
+        c_new = bf16(f32(t - f32(w_new)))
+        e_c += float(c_new) - (float(t) - float(w_new))
+        e_t += float(t) - (float(w) + float(c) + float(u))
+        w, c = w_new, c_new
+        assert (float(tw[0]), float(tc[0])) == (float(w), float(c)), step
+    drift = (float(w) + float(c)) - (1.0 + n_steps * float(u))
+    assert drift == pytest.approx(e_c + e_t, abs=1e-12)
+    assert abs(e_t) < 0.01 * abs(e_c)  # the cause: storing c in bf16, not the fp32 arithmetic
+    assert abs(drift) <= n_steps * (2.0**-17 + 2.0**-23)
+    assert drift / (n_steps * float(u)) == pytest.approx(0.028, abs=0.001)  # +2.8% of the summed updates

@@ -1,6 +1,6 @@
 """What a low-precision format does to gradients and updates, measured cheaply.
 
-Two measurements, both defined in docs/precision.md and tested on hand-built tensors:
+Three measurements, all defined in docs/precision.md and tested on hand-built tensors:
 
 GradFormatStats — for each sampled tensor (a weight gradient, or an activation gradient at one
 probe of act_grads.py), a strided sample of at most SAMPLE elements of the gradient g as it
@@ -16,9 +16,13 @@ nonzero gradient, see act_grads.py):
 Fractions are over all sampled elements of all layers (element-weighted); lost is over the support.
 
 LostUpdate — for weights stored in a low-precision format, the update arithmetic intends
-u = w_new_exact - w_before (computed in fp32), but storage keeps w_after = round(w_new_exact):
-    lost_update_frac = ||(w_after - w_before) - u||_2 / ||u||_2   over all parameters.
-0 means every update landed; 1 means none did (e.g. updates below half an ulp of the weight).
+u = AdamW's step + weight decay (fp32), while the stored state moves the effective weight ŵ
+(w, or w + c with a Kahan compensation buffer c) by Δ = ŵ_after - ŵ_before:
+    lost_update_frac       = ||Δ - u||_2 / ||u||_2           over all parameters
+    lost_update_along_frac = 1 - <Δ, u> / ||u||_2^2
+0 means every update landed; 1 (both) means none did (e.g. updates below half an ulp of the
+weight). Stochastic rounding makes the first large (each step lands 0 or a whole ulp) and keeps
+the second near 0 (unbiased); the second is negative when more than u landed.
 """
 
 from __future__ import annotations
@@ -97,14 +101,20 @@ class GradFormatStats:
 
 class LostUpdate:
     def __init__(self):
-        self.err2 = 0.0
-        self.ref2 = 0.0
+        self.err2 = 0.0   # ||Δ - u||²
+        self.ref2 = 0.0   # ||u||²
+        self.dot = 0.0    # <Δ, u>
 
     def add(self, before: torch.Tensor, after: torch.Tensor, intended: torch.Tensor) -> None:
+        """before/after: the effective weight (w, or w + c with Kahan) around one update; intended: u."""
         intended = intended.double()
-        err = (after.double() - before.double()) - intended
-        self.err2 += float(err.square().sum())
+        moved = after.double() - before.double()
+        self.err2 += float((moved - intended).square().sum())
         self.ref2 += float(intended.square().sum())
+        self.dot += float((moved * intended).sum())
 
     def value(self) -> float | None:
         return math.sqrt(self.err2 / self.ref2) if self.ref2 > 0 else None
+
+    def along(self) -> float | None:
+        return 1.0 - self.dot / self.ref2 if self.ref2 > 0 else None
