@@ -82,8 +82,8 @@ def print_peak(cfg, measure: bool) -> None:
         torch.set_num_threads(cfg.threads)  # the peak is kept per thread count, as training sets it
     device = pick_device(cfg.device)
     precision = build_precision(cfg.precision, device)
-    # The dtype training takes its peak in: the GEMMs' own, where a mode runs them in another one.
-    compute_dtype = getattr(precision, "gemm_dtype", precision.compute_dtype)
+    # The dtype training takes its peak in: the GEMMs' own (fp32 where bf16 is emulated, cpu_bf16.py).
+    compute_dtype = precision.gemm_dtype
     entry = peak_flops_entry(device, compute_dtype, "always" if measure else "never")
     if entry is None:
         print(f"  {compute_dtype} on {device.type}, {torch.get_num_threads()} threads: not measured yet (the "

@@ -31,6 +31,7 @@ import warnings
 import torch
 
 from stagewise.config.schema import PrecisionConfig
+from stagewise.precision.cpu_bf16 import bf16_context, emulates
 
 
 class Precision:
@@ -95,6 +96,8 @@ class Precision:
         compiled blocks eagerly for that step: a compiled backward donates saved buffers, so it
         cannot run twice (the probes' reference pass), and the probes' Python stays out of graphs."""
         ctx = self.compute_context()
+        if self.compute_dtype == torch.bfloat16:  # bf16 GEMMs as fp32 GEMMs on CPUs without them
+            ctx = bf16_context(self.device, ctx)
         if self.grad_format is None or self._model is None or not self.telemetry_due():
             return ctx
         if self._act is None:
@@ -106,6 +109,11 @@ class Precision:
         stack.enter_context(torch.compiler.set_stance("force_eager"))
         stack.enter_context(ctx)
         return stack
+
+    @property
+    def gemm_dtype(self) -> torch.dtype:
+        """The dtype the GEMMs actually run in, whose measured peak MFU is taken against."""
+        return torch.float32 if self.compute_dtype == torch.bfloat16 and emulates(self.device) else self.compute_dtype
 
     def compute_context(self):
         return contextlib.nullcontext()

@@ -252,7 +252,7 @@ def _fit(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, dataset, device, chec
         return None
 
     fpt = flops_per_token(mcfg, T)
-    peak = peak_flops(device, precision.compute_dtype)
+    peak = peak_flops(device, precision.gemm_dtype)
     model.compile_blocks(cfg.train.compile)  # training and evaluation forwards; sampling stays eager
     metrics = MetricsLog(run_dir / rundir.METRICS, resume_step=step if checkpoint else 0)
     progress = Progress(total, step, cfg.log.progress, cfg.log.every)
