@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
-from _common import HERE
+from _common import HERE, curve, last
 
 A = "{name: code, source: {kind: python-stdlib}}"
 B = "{name: plays, source: {kind: shakespeare}}"
+DOMAINS = ("code", "plays")
 
 
 def stages(*items: str) -> str:
@@ -20,10 +19,26 @@ def stage(name: str, steps: int, mixture: str, **extra) -> str:
     return "{" + ", ".join(parts) + "}"
 
 
-def val(recs: list[dict], domain: str) -> list[tuple[int, float]]:
-    key = f"val_loss/{domain}"
-    return [(r["step"], r[key]) for r in recs if key in r]
+def summarise(run: dict) -> tuple[dict, dict]:
+    """Final per-domain validation loss (nats/token) and bits per byte, and their curves."""
+    recs = run["metrics"]
+    final, curves = {}, {}
+    for d in DOMAINS:
+        for key in (f"val_loss/{d}", f"val_bpb/{d}"):
+            if any(key in r for r in recs):
+                final[key] = last(recs, key)
+                curves[key] = curve(recs, key)
+    replay = [r["replay"] for r in recs if r.get("stage") == 1 and "replay" in r]
+    if replay:
+        final["replay"] = replay[-1]
+    return final, curves
 
 
-def forgetting(experiment: str, name: str) -> dict:
-    return json.loads((HERE / "runs" / experiment / name / "forgetting.json").read_text())
+def a_tokenizer() -> str:
+    """tokenizer.json of the BPE trained on domain A alone (what every A -> B run uses)."""
+    from stagewise.config.loader import load_recipe
+    from stagewise.data import resolve_dataset
+
+    cfg = load_recipe(HERE / "continual_base.yaml", [f"--data.cache_dir={HERE / '.cache'}",
+                                                     "--data.sources=[{kind: python-stdlib}]"])
+    return str(resolve_dataset(cfg.data, log=lambda *a: None) / "tokenizer.json")

@@ -4,47 +4,77 @@ Claims: storing weights in bf16 loses updates smaller than half an ulp, which hu
 training when the LR is small (Collage, Yu et al. 2024); stochastic rounding ("Revisiting
 BFloat16 Training", Zamirai et al. 2020) or Kahan-compensated summation recovers most of the
 gap to fp32 master weights ("pure bfloat16 is enough" with the right rounding).
-Measured: lost-update fraction ||(w_after - w_before) - u|| / ||u|| from telemetry, and loss.
+Measured: the lost-update fractions of telemetry (docs/precision.md: ||Δ - u|| / ||u|| and
+1 - <Δ, u> / ||u||², with Δ the move of the effective weight, w + c under Kahan), and loss.
 """
 
 from __future__ import annotations
 
-from _common import figure, final_val, run, smooth, write_table
+import sys
+
+import _common as c
 
 EXP = "bf16_pure"
-CONFIGS = {
-    "bf16-mixed (fp32 master)": ("--precision.mode=bf16-mixed",),
-    "bf16-pure, round-to-nearest": ("--precision.mode=bf16-pure",),
-    "bf16-pure + stochastic rounding": ("--precision.mode=bf16-pure", "--precision.stochastic_rounding=true"),
-    "bf16-pure + Kahan": ("--precision.mode=bf16-pure", "--precision.kahan=true"),
-}
+STEPS = 120
+REF = "bf16-mixed (fp32 master)"
+SPECS = [
+    c.Spec(REF, "bf16_mixed", ("--precision.mode=bf16-mixed",)),
+    c.Spec("bf16-pure, round-to-nearest", "pure_rtn", ("--precision.mode=bf16-pure",)),
+    c.Spec("bf16-pure + stochastic rounding", "pure_sr", ("--precision.mode=bf16-pure",
+                                                          "--precision.stochastic_rounding=true")),
+    c.Spec("bf16-pure + Kahan", "pure_kahan", ("--precision.mode=bf16-pure", "--precision.kahan=true")),
+]
+KEYS = ("lost_update_frac", "lost_update_along_frac")
+TITLE = f"Pure bf16: lost updates and loss ({STEPS} steps, d128 x 4 layers, lr 3e-3 cosine to 3e-4)"
+
+
+def summarise(run: dict) -> tuple[dict, dict]:
+    recs = run["metrics"]
+    final = {"val_loss": c.last(recs, "val_loss"), "train_loss": recs[-1]["loss"]}
+    curves = {"loss": c.smooth(c.curve(recs, "loss"))}
+    for k in KEYS:
+        vals = [r[k] for r in recs if k in r]
+        late = vals[len(vals) // 2:]
+        final[k] = sum(vals) / len(vals) if vals else None
+        final[f"{k}_late"] = sum(late) / len(late) if late else None
+        if vals:
+            curves[k] = c.curve(recs, k)
+    return final, curves
 
 
 def main():
     print(f"{EXP}:")
-    runs = {label: run(EXP, label.split(" (")[0].replace(" ", "_").replace(",", "").replace("+", "plus"), *o)
-            for label, o in CONFIGS.items()}
-    ref = final_val(runs["bf16-mixed (fp32 master)"])
-    rows = []
-    for label, recs in runs.items():
-        lost = [r["lost_update_frac"] for r in recs if "lost_update_frac" in r]
-        late = lost[len(lost) // 2:]
-        rows.append([label, recs[-1]["loss"], final_val(recs), final_val(recs) - ref,
-                     sum(lost) / len(lost) if lost else "n/a", sum(late) / len(late) if late else "n/a"])
-    write_table(EXP, "Pure bf16: lost updates and loss (300 steps, d128 x 4 layers, lr 3e-3 cosine to 3e-4)",
-                ["run", "final train loss", "final val loss", "val gap vs bf16-mixed", "mean lost-update frac",
-                 "mean lost-update frac, 2nd half"], rows)
-    fig, (a, b), save = figure(EXP, 2)
-    for i, (label, recs) in enumerate(runs.items()):
-        a.plot([r["step"] for r in recs], smooth([r["loss"] for r in recs]), label=label, color=f'C{i}')
-        tele = [r for r in recs if "lost_update_frac" in r]
-        if tele:
-            b.plot([r["step"] for r in tele], [r["lost_update_frac"] for r in tele], label=label, color=f'C{i}')
-    a.set(xlabel="step", ylabel="train loss (10-step mean)", title="loss")
-    b.set(xlabel="step", ylabel="||lost|| / ||intended update||", title="lost-update fraction")
+    runs = c.run_all(EXP, [c.Spec(s.label, s.name, (f"--train.steps={STEPS}", *s.overrides)) for s in SPECS])
+    c.save_record(EXP, TITLE, {"steps": STEPS}, runs, summarise)
+    c.write_outputs(sys.modules[__name__])
+
+
+def table(record: dict) -> str:
+    keys = ["val_loss", "train_loss", *KEYS, *(f"{k}_late" for k in KEYS)]
+    col = {k: c.by_label(record, k) for k in keys}
+    rtn = "bf16-pure, round-to-nearest"
+    rows = [[lab, c.cell(col["val_loss"][lab]), c.delta_cell(col["val_loss"][lab], col["val_loss"][REF]),
+             c.delta_cell(col["val_loss"][lab], col["val_loss"][rtn]) if lab != REF else "-",
+             c.cell(col["train_loss"][lab])] + [c.cell(col[k][lab]) for k in keys[2:]] for lab in record["labels"]]
+    header = ["run", "final val loss", "Δ vs bf16-mixed", "Δ vs round-to-nearest", "final train loss",
+              "lost-update frac", "lost-update along frac", "lost-update frac, 2nd half",
+              "lost-update along frac, 2nd half"]
+    return (f"# {record['title']}\n\n" + c.markdown_table(header, rows) + "\n\n"
+            "Lost-update columns: mean over each run's telemetry steps (every 10 steps), then mean ± std over "
+            "seeds; `n/a` for bf16-mixed, whose fp32 master weights lose nothing to storage.\n\n" +
+            c.provenance(record) + "\n")
+
+
+def plot(record: dict, path) -> None:
+    fig, (a, b) = c.figure(2)
+    for i, lab in enumerate(record["labels"]):
+        c.band(a, record, lab, "loss", f"C{i}")
+        c.band(b, record, lab, "lost_update_along_frac", f"C{i}")
+    a.set(xlabel="step", ylabel="train loss (10-step mean)", title="loss (mean of seeds, min-max band)")
+    b.set(xlabel="step", ylabel="1 - <Δ, u> / ||u||²", title="lost-update fraction along the update")
     a.legend()
     b.legend()
-    save()
+    c.save_figure(fig, path)
 
 
 if __name__ == "__main__":
