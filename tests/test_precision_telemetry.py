@@ -7,37 +7,19 @@ import math
 import pytest
 import torch
 
-from stagewise.config.schema import LossScaleConfig, ModelConfig, OptimConfig, PrecisionConfig
-from stagewise.model import Transformer
+from stagewise.config.schema import LossScaleConfig
 from stagewise.objectives import OBJECTIVES, Batch, ObjectiveOutput, causal_lm_loss
-from stagewise.optim import build_optimizer
-from stagewise.precision import CompensatedAdamW, build_precision
+from stagewise.precision import CompensatedAdamW
 from stagewise.precision.act_grads import _rescale
 from stagewise.precision.telemetry import SAMPLE, GradFormatStats, LostUpdate, sample
 from stagewise.train.step import train_step
+from test_precision import _batches, _tiny  # the same tiny model and batches
 
 CPU = torch.device("cpu")
 FP16_FLUSH = 2.0**-25  # |x| <= half the smallest fp16 subnormal rounds to 0
 UNSCALED = LossScaleConfig(init_scale=1.0, min_scale=1.0, max_scale=1.0)
 TINY_LOSS = 1e-6
 
-
-def _tiny(mode: str, **prec):
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=4, max_seq_len=32))
-    precision = build_precision(PrecisionConfig(mode=mode, **prec), CPU)
-    model = precision.setup(model)
-    optimizer = precision.setup_optimizer(build_optimizer(OptimConfig(lr=1e-2), model, CPU))
-    return model, precision, optimizer
-
-
-def _batches(n: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        x = torch.randint(0, 128, (4, 17), generator=g)
-        out.append(Batch(x[:, :-1], x[:, 1:]))
-    return out
 
 
 def _tiny_loss(model, batch):
