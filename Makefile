@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench experiments docs clean python-docs
+.PHONY: demo test test-fast bench experiments experiment-tables docs clean python-docs
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -37,10 +37,15 @@ bench: $(STAMP)
 	$(PY) bench/throughput.py
 	$(PY) bench/precision.py
 
-# The precision and continual pre-training experiments (each <= 10 min on 2 CPU cores); results land in experiments/results/.
+# The precision and continual pre-training experiments, 3 seeds each, two runs at a time (each script
+# <= ~16 min on 2 CPU cores); records, tables and plots land in experiments/results/.
 experiments: $(STAMP)
 	$(PY) -m pip install -q -e '.[test,experiments]'
 	cd experiments && for e in fp16_loss_scaling bf16_pure fp8_scaling ternary_transition cpt_rewarm cpt_replay; do ../$(PY) $$e.py || exit 1; done
+
+# Re-render every experiment table and plot from the committed records, without training.
+experiment-tables: $(STAMP)
+	cd experiments && ../$(PY) tables.py
 
 docs: $(STAMP)
 	$(VENV)/bin/stagewise docs-config > docs/config.md
