@@ -108,3 +108,19 @@ def test_bf16_training_follows_the_native_kernels(tmp_path, corpus_dir, data_cac
     assert len(losses["native"]) == len(losses["emulate"]) == 20
     assert losses["native"][0] == pytest.approx(losses["emulate"][0], rel=1e-4)
     assert max(abs(a - b) for a, b in zip(losses["native"], losses["emulate"])) < 5e-3
+
+
+def test_compile_is_switched_off_only_under_the_emulation(monkeypatch):
+    from stagewise.config.schema import PrecisionConfig
+    from stagewise.precision import build_precision
+
+    cpu = torch.device("cpu")
+    for choice, bf16_compiles in (("emulate", False), ("native", True)):
+        monkeypatch.setenv(cpu_bf16.ENV, choice)
+        cpu_bf16.native_bf16_gemm.cache_clear()
+        bf16 = build_precision(PrecisionConfig(mode="bf16-mixed"), cpu)
+        fp32 = build_precision(PrecisionConfig(mode="fp32"), cpu)
+        assert bf16.compiles(True) is bf16_compiles and bf16.emulates_bf16 is not bf16_compiles
+        assert fp32.compiles(True) and not fp32.compiles(False)
+        assert bf16.gemm_dtype == (torch.bfloat16 if bf16_compiles else torch.float32)
+    cpu_bf16.native_bf16_gemm.cache_clear()

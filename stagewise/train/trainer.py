@@ -253,7 +253,9 @@ def _fit(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, dataset, device, chec
 
     fpt = flops_per_token(mcfg, T)
     peak = peak_flops(device, precision.gemm_dtype)
-    model.compile_blocks(cfg.train.compile)  # training and evaluation forwards; sampling stays eager
+    if cfg.train.compile and not precision.compiles(True):
+        log("note: train.compile is off under the CPU bf16 emulation (eager is faster there; docs/precision.md)")
+    model.compile_blocks(precision.compiles(cfg.train.compile))  # training and eval forwards; sampling stays eager
     metrics = MetricsLog(run_dir / rundir.METRICS, resume_step=step if checkpoint else 0)
     progress = Progress(total, step, cfg.log.progress, cfg.log.every)
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "-1"))
@@ -315,7 +317,7 @@ def _fit(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, dataset, device, chec
                 model, precision, optimizer = switch_precision(
                     cfg.precision, switch, model, precision, optimizer,
                     lambda m: build_optimizer(cfg.optim, m, device), device)
-                model.compile_blocks(cfg.train.compile)
+                model.compile_blocks(precision.compiles(cfg.train.compile))
                 progress.message(f"step {step}: precision {switch.mode} from here on "
                                  f"(optimizer state: {switch.optimizer_state})")
             lr = stage.lr(step) if stage else lr_at(step, cfg.optim.lr, total, cfg.schedule)
