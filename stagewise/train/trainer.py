@@ -253,9 +253,7 @@ def _fit(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, dataset, device, chec
 
     fpt = flops_per_token(mcfg, T)
     peak = peak_flops(device, precision.gemm_dtype)
-    if cfg.train.compile and not precision.compiles(True):
-        log("note: train.compile is off under the CPU bf16 emulation (eager is faster there; docs/precision.md)")
-    model.compile_blocks(precision.compiles(cfg.train.compile))  # training and eval forwards; sampling stays eager
+    model.compile_blocks(precision.compiles(cfg.train.compile, log))  # training and eval forwards; sampling eager
     metrics = MetricsLog(run_dir / rundir.METRICS, resume_step=step if checkpoint else 0)
     progress = Progress(total, step, cfg.log.progress, cfg.log.every)
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "-1"))
