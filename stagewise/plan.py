@@ -120,6 +120,13 @@ def print_memory(cfg, mem: dict) -> None:
           "process's VmHWM)")
 
 
+def _emulates_bf16(cfg, prec) -> bool:
+    """Whether training would run bf16 GEMMs as fp32 ones here (precision/cpu_bf16.py)."""
+    from stagewise.precision.cpu_bf16 import native_bf16_gemm
+
+    return prec.compute_dtype == torch.bfloat16 and not _on_cuda(cfg) and not native_bf16_gemm()
+
+
 def print_plan(cfg, measure_peak: bool = False) -> None:
     """Everything `stagewise plan` prints; trains nothing, writes nothing but the machine caches."""
     from stagewise.config.loader import dump_yaml
@@ -133,7 +140,8 @@ def print_plan(cfg, measure_peak: bool = False) -> None:
     B, T = cfg.train.batch_size, cfg.data.seq_len
     mem = estimate_memory(mcfg, B, T, param_bytes=prec.param_bytes + prec.master_bytes, grad_bytes=prec.grad_bytes,
                           optim_bytes_per_param=optim_bytes,
-                          act_bytes=prec.compute_dtype.itemsize, fused_loss=prec.fused_loss)
+                          act_bytes=prec.compute_dtype.itemsize, fused_loss=prec.fused_loss,
+                          gemm_bytes=4 if _emulates_bf16(cfg, prec) else None)
     print("# resolved config" + (f" (model: the architecture of init_from {init}; the recipe's model section is "
                                  "ignored)" if init else ""))
     print(dump_yaml(dataclasses.replace(cfg, model=mcfg) if init else cfg).rstrip())

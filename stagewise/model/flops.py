@@ -48,7 +48,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
 
 def estimate_memory(cfg: ModelConfig, batch_size: int, seq_len: int, param_bytes: int = 4,
                     grad_bytes: int = 4, optim_bytes_per_param: int = 8, act_bytes: int = 4,
-                    fused_loss: bool = True) -> dict[str, int]:
+                    fused_loss: bool = True, gemm_bytes: int | None = None) -> dict[str, int]:
     """Training memory in bytes. `act_bytes` is the matmul compute width: 4 for fp32, 2 under bf16
     autocast with fp32 weights (the configuration stagewise trains in).
 
@@ -69,10 +69,12 @@ def estimate_memory(cfg: ModelConfig, batch_size: int, seq_len: int, param_bytes
                    for the backward of the input's gradient; when act_bytes != 4, the cos/sin
                    tables cast to the compute dtype (4 per layer, seq_len x head_dim, not per row)
     logits is the loss's side. With fused_loss (model/loss.py, the default training path) the
-    peak of one chunk — its logits at act_bytes, fp32 log-probabilities, their gradient at
-    act_bytes — plus the stored gradients for the hidden states (act_bytes) and the head's weight
-    (fp32). Without it, B*T*V logits at act_bytes, the fp32 copy the log-softmax saves, and one
-    fp32 gradient of the same size during backward.
+    buffers one chunk reuses — its logits (at `gemm_bytes`, the GEMMs' width: 4 under the CPU bf16
+    emulation, else act_bytes), fp32 probabilities, under the emulation a bf16 rounding buffer —
+    the stored gradients for the hidden states (act_bytes) and the head's weight (fp32), the head
+    weight at the GEMMs' width, and with more than one chunk in native low precision the buffer
+    each chunk's weight-gradient GEMM writes before it is added to the fp32 sum. Without it, B*T*V logits at act_bytes, the
+    fp32 copy the log-softmax saves, and one fp32 gradient of the same size during backward.
     """
     n_kv, hd, ffn = resolved_dims(cfg)
     counts = param_counts(cfg)
@@ -98,7 +100,17 @@ def estimate_memory(cfg: ModelConfig, batch_size: int, seq_len: int, param_bytes
         "logits": N * cfg.vocab_size * (a + 4 + 4),
     }
     if fused_loss:
-        rows = min(N, chunk_rows(cfg.vocab_size))
-        out["logits"] = rows * cfg.vocab_size * (2 * a + 4) + N * d * a + cfg.vocab_size * d * 4
+        V, g = cfg.vocab_size, gemm_bytes or a
+        chunks = -(-N // chunk_rows(V, d, a))
+        rows = -(-N // chunks)
+        # stored gradients: hidden states (act_bytes), the head weight (fp32); the weight rounded to
+        # the compute dtype and held at the GEMMs' width
+        out["logits"] = N * d * a + V * d * 4 + V * d * g
+        if g == 4 and a == 4:    # fp32: logits and probabilities buffers
+            out["logits"] += rows * V * 8
+        elif g == 4:             # CPU bf16 emulation: fp32 logits and probabilities, a bf16 rounding buffer,
+            out["logits"] += rows * V * (8 + a) + N * d * 4  # the hidden states widened to fp32
+        else:                    # native low precision: logits, fp32 probabilities, the weight-gradient buffer
+            out["logits"] += rows * V * (a + 4) + (V * d * a if chunks > 1 else 0)
     out["total"] = sum(out.values())
     return out

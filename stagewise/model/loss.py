@@ -12,7 +12,14 @@ compute dtype before the two backward GEMMs); it differs only in where rounding 
     bf16 GEMM result once), and
   * the softmax gradient is rounded before being multiplied by the incoming gradient
     (1 / target count), not after.
-Both are bf16-rounding-level differences; tests/test_model.py bounds them against the reference.
+Both are bf16-rounding-level differences; tests/test_fused_loss.py and tests/test_model.py bound
+them against the reference at 8k, 152k and 262k vocabularies.
+
+Speed at large vocabularies (Gemma 3: 262k) comes from few, tall, equal chunks (chunk_rows), one
+set of [rows, V] buffers reused by every chunk, the loss taken from the softmax (no separate
+log-softmax pass), and the weight gradient accumulated in place. Under the CPU bf16 emulation
+(precision/cpu_bf16.py) the GEMMs run here in fp32 on bf16-rounded operands widened once per
+call, and their outputs are rounded to bf16 in place, as the emulated linear layers do.
 
 Liger-Kernel's fused linear cross-entropy popularised computing the gradient inside forward;
 this is a CPU/GPU-agnostic PyTorch version of that idea, no custom kernels.
@@ -22,6 +29,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import _get_current_function_mode_stack
+
+from stagewise.precision.cpu_bf16 import BF16GemmEmulation
 
 IGNORE_INDEX = -100
 
@@ -33,37 +43,98 @@ def logits_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
                            reduction="sum")
 
 
-def chunk_rows(vocab_size: int, budget_elements: int = 1 << 23) -> int:
-    """Rows per chunk so one chunk's fp32 log-probabilities take about 32 MB."""
-    return max(1, budget_elements // vocab_size)
+def chunk_rows(vocab_size: int, d_model: int, compute_bytes: int = 2) -> int:
+    """Rows per chunk: as many as fit in the memory the head's own fp32 weight gradient takes.
+
+    Tall chunks are fast: each chunk costs one pass over that [V, d] fp32 accumulator besides its
+    GEMMs, and the logits GEMM itself ran at 73 GFLOP/s with 128 rows against 85 with 256 and
+    105-116 with 512-1024 (V 262k, d 640, fp32, 2-core AVX2 EPYC; bench/README.md). A chunk holds
+    rows x V logits, their fp32 probabilities and a compute-dtype copy, counted as rows x V x
+    (2 x compute bytes + 4); capped at V x d x 4 bytes, the loss's buffers never outgrow the head's
+    own gradient, whatever the vocabulary. That is d / 2 rows in bf16 (Gemma 3 270m: 320, Qwen3
+    0.6B: 512, Llama 3.2 1B: 1024), d / 3 in fp32, and never fewer than 2^23 / V (32 MB of fp32
+    probabilities) for small vocabularies. The rows are then split into equal chunks (1024 rows
+    at 320 per chunk: 4 x 256). Twice that cap (512-row chunks for Gemma) measured no faster
+    within the noise of a full step and 0.3 GiB more peak RSS.
+    """
+    per_row = vocab_size * (2 * compute_bytes + 4)  # logits, fp32 probabilities, a compute-dtype copy
+    return max(1, (1 << 23) // vocab_size, (4 * vocab_size * d_model) // per_row)
+
+
+def _gemm_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    """fp32 under the CPU bf16 emulation (its GEMMs run on bf16-rounded fp32 values), else the
+    compute dtype."""
+    if compute_dtype == torch.bfloat16 and any(isinstance(m, BF16GemmEmulation)
+                                               for m in _get_current_function_mode_stack()):
+        return torch.float32
+    return compute_dtype
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, compute_dtype, chunk, need_h, need_w):
-        hc = h.to(compute_dtype)
-        wc = weight.to(compute_dtype)
-        n = hc.shape[0]
+        gemm = _gemm_dtype(compute_dtype)
+        # Operands rounded to the compute dtype once, held in the dtype the GEMMs run in (the same
+        # tensor unless emulating bf16, where the widened weight is made once, not per GEMM).
+        hc = h.to(compute_dtype).to(gemm)
+        wc = weight.to(compute_dtype).to(gemm)
+        n, V = hc.shape[0], wc.shape[0]
+        chunk = -(-n // -(-n // chunk))  # equal chunks: 1024 rows in chunks of at most 320 are 4 x 256
+        # Under the emulation the GEMM outputs are rounded to bf16 in place, as the native GEMM's are
+        # (through one reused bf16 buffer, see below).
+        rnd = lambda t: t  # noqa: E731
+        if gemm != compute_dtype:
+            round_buf = torch.empty((min(chunk, n), V), dtype=compute_dtype, device=h.device)
+            rnd = lambda t: t.copy_(round_buf[:t.shape[0]].copy_(t))  # noqa: E731
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        dh = torch.empty_like(hc) if need_h else None
+        dh = torch.empty(hc.shape, dtype=compute_dtype, device=h.device) if need_h else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        # Every chunk reuses the same logits and probability buffers: a fresh [rows, V] allocation
+        # per chunk costs its page faults again (a reused softmax output ran 0.21 s against 0.57 s
+        # freshly allocated for 1024 x 262k). A low-precision weight-gradient GEMM writes into one
+        # reused buffer that is then added to the fp32 sum in place; an fp32 one accumulates into it.
+        logits_buf = torch.empty((min(chunk, n), V), dtype=gemm, device=h.device)
+        probs_buf = torch.empty((min(chunk, n), V), dtype=torch.float32, device=h.device) \
+            if gemm == torch.float32 else None
+        wgrad_buf = torch.empty(weight.shape, dtype=gemm, device=weight.device) \
+            if need_w and gemm != torch.float32 and n > chunk else None
         for s in range(0, n, chunk):
             x, t = hc[s:s + chunk], targets[s:s + chunk]
+            m = x.shape[0]
             valid = t != IGNORE_INDEX
             safe_t = torch.where(valid, t, 0).unsqueeze(1)
-            # One fused kernel reads the compute-dtype logits and writes fp32 log-probabilities.
-            logp = torch.log_softmax(x @ wc.t(), dim=1, dtype=torch.float32)
-            loss -= torch.where(valid, logp.gather(1, safe_t).squeeze(1), 0.0).sum()
+            logits = rnd(torch.mm(x, wc.t(), out=logits_buf[:m]))
+            if probs_buf is None:  # native low precision: one kernel reads bf16, writes fp32
+                probs = torch.softmax(logits, dim=1, dtype=torch.float32)
+            else:
+                probs = torch._softmax(logits, 1, False, out=probs_buf[:m])
+            # -log p[target]; where p[target] underflows (a logit ~87+ below the row's log-sum-exp),
+            # those few rows take log-sum-exp - logit from the logits instead.
+            p_t = probs.gather(1, safe_t).squeeze(1)
+            nll = -torch.log(p_t)
+            tiny = valid & (p_t < 1e-30)
+            if tiny.any():
+                lt = logits[tiny].float()
+                nll[tiny] = torch.logsumexp(lt, 1) - lt.gather(1, safe_t[tiny]).squeeze(1)
+            loss -= torch.where(valid, -nll, 0.0).sum()
             if dh is None and dw is None:
                 continue
             # d loss_sum / d logits = softmax - onehot(target); ignored rows are zeroed through
             # their (small) hidden-state rows below instead of a pass over [rows, V].
-            g = logp.exp_().scatter_add_(1, safe_t, torch.full_like(safe_t, -1, dtype=logp.dtype)).to(compute_dtype)
-            keep = valid.unsqueeze(1).to(compute_dtype)
+            probs.scatter_add_(1, safe_t, torch.full_like(safe_t, -1, dtype=probs.dtype))
+            g = rnd(probs) if probs_buf is not None else logits.copy_(probs)  # native: into the bf16 buffer
+            del probs
+            keep = valid.unsqueeze(1).to(gemm)
             if dh is not None:
-                dh[s:s + chunk] = (g @ wc) * keep
+                dh[s:s + m] = (g @ wc) * keep
             if dw is not None:
-                dw += (g.t() @ (x * keep)).float()
+                xk = x * keep
+                if gemm == torch.float32:
+                    dw.addmm_(g.t(), xk)
+                elif wgrad_buf is None:
+                    dw.add_(g.t() @ xk)
+                else:
+                    dw.add_(torch.mm(g.t(), xk, out=wgrad_buf))
         ctx.save_for_backward(dh, dw)
         ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
         return loss
@@ -86,5 +157,5 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     """
     grad = torch.is_grad_enabled()
     with torch.autocast(device_type=h.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(h, weight, targets, compute_dtype, chunk or chunk_rows(weight.shape[0]),
+        return _LinearCrossEntropy.apply(h, weight, targets, compute_dtype, chunk or chunk_rows(*weight.shape, compute_dtype.itemsize),
                                          grad and h.requires_grad, grad and weight.requires_grad)
