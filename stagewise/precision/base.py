@@ -121,8 +121,8 @@ class Precision:
         return torch.float32 if self.emulates_bf16 else self.compute_dtype
 
     def compiles(self, requested: bool, log=None) -> bool:
-        """Whether train.compile is honoured: not under the bf16 emulation, where inductor's code was
-        measured 19x slower than eager (quickstart model: 21 s vs 1.1 s per step); `log` hears why."""
+        """Whether train.compile is honoured: not under the bf16 emulation, where compiled blocks
+        measured 1.16x slower than eager (docs/precision.md); `log` hears why."""
         if requested and self.emulates_bf16 and log is not None:
             log("note: train.compile is off under the CPU bf16 emulation (eager is faster there; docs/precision.md)")
         return requested and not self.emulates_bf16

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -48,23 +49,49 @@ def emulates(device: torch.device) -> bool:
     return device.type == "cpu" and not native_bf16_gemm()
 
 
-class _Linear(torch.autograd.Function):
-    """F.linear on bf16 operands as fp32 GEMMs; saves the bf16 operands (native memory, not 2x)."""
+# The emulated GEMMs are custom ops, opaque to torch.compile: traced as plain PyTorch, inductor folds
+# the bf16 -> fp32 casts away and runs the GEMMs on bf16 operands, i.e. on the reference kernel
+# (measured 21 s per step against 1.1 s eager on the quickstart model).
 
-    @staticmethod
-    def forward(ctx, x, w, b):
-        ctx.save_for_backward(x, w)
-        ctx.has_bias = b is not None
-        return F.linear(x.float(), w.float(), None if b is None else b.float()).to(torch.bfloat16)
+@torch.library.custom_op("stagewise::emulated_bf16_linear", mutates_args=())
+def emulated_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    """F.linear of bf16 tensors as an fp32 GEMM (bias added before the one rounding), result bf16."""
+    return F.linear(x.float(), w.float(), None if b is None else b.float()).to(torch.bfloat16)
 
-    @staticmethod
-    def backward(ctx, grad):
-        x, w = ctx.saved_tensors
-        g = grad.float()
-        gx = (g @ w.float()).to(torch.bfloat16) if ctx.needs_input_grad[0] else None
-        gw = g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).float() if ctx.needs_input_grad[1] else None
-        gb = g.reshape(-1, g.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gx, None if gw is None else gw.to(torch.bfloat16), None if gb is None else gb.to(torch.bfloat16)
+
+@emulated_linear.register_fake
+def _(x, w, b):
+    return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("stagewise::emulated_bf16_mm", mutates_args=())
+def emulated_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [M, K] @ b [K, N] of bf16 tensors as an fp32 GEMM, result rounded to bf16."""
+    return torch.mm(a.float(), b.float()).to(torch.bfloat16)
+
+
+@emulated_mm.register_fake
+def _(a, b):
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.bfloat16)
+
+
+def _linear_setup(ctx, inputs, output):
+    x, w, b = inputs
+    ctx.save_for_backward(x, w)  # the bf16 operands: native memory, not 2x
+    ctx.has_bias = b is not None
+
+
+def _linear_backward(ctx, grad):
+    x, w = ctx.saved_tensors
+    g = grad.reshape(-1, grad.shape[-1])
+    need_x, need_w, need_b = ctx.needs_input_grad
+    gx = emulated_mm(g, w).reshape(x.shape) if need_x else None
+    gw = emulated_mm(g.t(), x.reshape(-1, x.shape[-1])) if need_w else None
+    gb = g.float().sum(0).to(torch.bfloat16) if ctx.has_bias and need_b else None
+    return gx, gw, gb
+
+
+emulated_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
 class BF16GemmEmulation(TorchFunctionMode):
@@ -90,7 +117,7 @@ class BF16GemmEmulation(TorchFunctionMode):
         with torch.autocast("cpu", enabled=False):
             if func is F.linear:
                 x, w, b = _linear_args(args, kwargs)
-                return _Linear.apply(*(None if t is None else t.to(torch.bfloat16) for t in (x, w, b)))
+                return emulated_linear(*(None if t is None else t.to(torch.bfloat16) for t in (x, w, b)))
             args, kwargs = tree_map(widen, (args, kwargs))
             out = func(*args, **kwargs)
         return tree_map(lambda y: y.to(torch.bfloat16) if isinstance(y, torch.Tensor) and y.is_floating_point() else y,
