@@ -7,6 +7,13 @@ process per framework (peak RSS cannot be attributed inside one process).
 
     python bench/throughput.py                     # the reference configuration
     python bench/throughput.py --d-model 768 --layers 12 --heads 12 --ffn 2048 --seq 1024 --batch 4
+    python bench/throughput.py --hf-config gemma-3-270m --batch 4 --seq 256   # a real model's shape
+    python bench/throughput.py --hf-config qwen3-0.6b --layers 8              # fewer layers: say so
+
+--hf-config takes a name from bench/configs/ (gemma-3-270m, qwen3-0.6b, llama-3.2-1b), a
+directory holding a config.json, or a config.json file: both frameworks then build that
+architecture (transformers' own class for its model_type; stagewise through its import
+mapping) with random weights. --layers then overrides the number of layers only.
 
 The last line is `stagewise/transformers tokens_per_s ratio: X.XX`. Results are appended
 to bench/results/throughput.jsonl with the machine description and date.
@@ -23,11 +30,13 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from stagewise.config.schema import ModelConfig, OptimConfig, PrecisionConfig
+from stagewise.interop.hf_families import from_hf_config
 from stagewise.interop.hf_llama import to_hf_llama_config
 from stagewise.model import Transformer
 from stagewise.model.flops import flops_per_token
@@ -40,8 +49,37 @@ from stagewise.train.step import train_step
 RESULTS = Path(__file__).parent / "results" / "throughput.jsonl"
 
 
+CONFIGS = Path(__file__).parent / "configs"
+
+
+def hf_config(a) -> dict | None:
+    """The HF config.json dict of --hf-config (with --layers applied), or None."""
+    if not a.hf_config:
+        return None
+    path = Path(a.hf_config)
+    if not path.exists():
+        path = CONFIGS / f"{a.hf_config}.json"
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.json")))
+        raise SystemExit(f"--hf-config: {a.hf_config!r} is neither a config.json, a directory holding one, "
+                         f"nor one of {names}")
+    hf = json.loads(path.read_text())
+    if a.layers is not None:
+        hf["num_hidden_layers"] = a.layers
+        if "layer_types" in hf:
+            hf["layer_types"] = hf["layer_types"][:a.layers]
+        if "max_window_layers" in hf:
+            hf["max_window_layers"] = min(hf["max_window_layers"], a.layers)
+    return hf
+
+
 def model_config(a) -> ModelConfig:
-    return ModelConfig(vocab_size=a.vocab, d_model=a.d_model, n_layers=a.layers, n_heads=a.heads,
+    hf = hf_config(a)
+    if hf is not None:
+        return replace(from_hf_config(hf), max_seq_len=max(2048, a.seq))
+    return ModelConfig(vocab_size=a.vocab, d_model=a.d_model, n_layers=a.layers or 6, n_heads=a.heads,
                        ffn_dim=a.ffn, tie_embeddings=True, max_seq_len=max(2048, a.seq))
 
 
@@ -65,7 +103,7 @@ def build(variant: str, a):
     opts = VARIANTS[variant]
     precision = build_precision(PrecisionConfig(mode=a.precision), device)
     g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=g)
+    tokens = torch.randint(0, cfg.vocab_size, (a.batch, a.seq + 1), generator=g)
     sdpa = contextlib.nullcontext
     if opts.get("sdpa") == "math":
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -73,7 +111,7 @@ def build(variant: str, a):
     if variant.startswith("stagewise"):
         model = precision.setup(Transformer(cfg))
         model.fused_loss = opts.get("fused_loss", True)
-        model.compile_blocks(opts.get("compile", False))
+        model.compile_blocks(precision.compiles(opts.get("compile", False)))
         opt = build_optimizer(OptimConfig(lr=1e-4, implementation=opts.get("adamw", "auto")), model, device)
         batch = Batch(tokens[:, :-1], tokens[:, 1:])
 
@@ -81,11 +119,15 @@ def build(variant: str, a):
             with sdpa():
                 return train_step(model, opt, precision, causal_lm_loss, [batch], lr=1e-4, grad_clip=1.0)
     else:
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
-        hf_cfg = LlamaConfig(**{k: v for k, v in to_hf_llama_config(cfg).items()
-                                if k not in ("architectures", "model_type", "torch_dtype")})
-        model = LlamaForCausalLM._from_config(hf_cfg, attn_implementation="sdpa")
+        hf = hf_config(a)
+        if hf is None:
+            hf_cfg = LlamaConfig(**{k: v for k, v in to_hf_llama_config(cfg).items()
+                                    if k not in ("architectures", "model_type", "torch_dtype")})
+        else:
+            hf_cfg = AutoConfig.for_model(**{k: v for k, v in hf.items() if k not in ("architectures", "torch_dtype")})
+        model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa", dtype=torch.float32)
         run = torch.compile(model) if opts.get("compile") else model
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         inputs = tokens[:, :-1]
@@ -110,20 +152,29 @@ def memory_child(framework: str, a) -> int:
 
 
 def _argv_of(a) -> list[str]:
-    return [f"--vocab={a.vocab}", f"--d-model={a.d_model}", f"--layers={a.layers}", f"--heads={a.heads}",
-            f"--ffn={a.ffn}", f"--seq={a.seq}", f"--batch={a.batch}", f"--precision={a.precision}"]
+    return [f"--vocab={a.vocab}", f"--d-model={a.d_model}", f"--heads={a.heads}", f"--ffn={a.ffn}",
+            f"--seq={a.seq}", f"--batch={a.batch}", f"--precision={a.precision}"] \
+        + ([f"--layers={a.layers}"] if a.layers is not None else []) \
+        + ([f"--hf-config={a.hf_config}"] if a.hf_config else [])
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model/batch arguments shared with bench/profile_step.py."""
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--d-model", type=int, default=384)
-    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--layers", type=int, default=None, help="number of layers (default 6, or the --hf-config's)")
+    p.add_argument("--hf-config", default=None, help="a real model's shape: a name in bench/configs/, a directory "
+                   "with a config.json, or a config.json")
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--ffn", type=int, default=1024)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--precision", default="bf16-mixed", choices=["bf16-mixed", "fp32"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
     p.add_argument("--rounds", type=int, default=4, help="alternating timed rounds per framework")
     p.add_argument("--steps", type=int, default=3, help="timed steps per round")
     p.add_argument("--variants", nargs="+", default=["stagewise+compile", "stagewise", "transformers"],
@@ -156,15 +207,21 @@ def main() -> None:
             for _ in range(a.steps):
                 steps[v]()
             rates[v].append(tok_per_step * a.steps / (time.perf_counter() - t0))
-    dtype = torch.bfloat16 if a.precision == "bf16-mixed" else torch.float32
-    peak = peak_flops(torch.device("cpu"), dtype)
+    # Under the CPU bf16 emulation the GEMMs run in fp32: MFU is against the fp32 peak then.
+    gemm_dtype = build_precision(PrecisionConfig(mode=a.precision), torch.device("cpu")).gemm_dtype
+    peak = peak_flops(torch.device("cpu"), gemm_dtype)
     fpt = flops_per_token(cfg, a.seq)
     result = {"date": datetime.date.today().isoformat(), "machine": _device_name(torch.device("cpu")),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-              "config": vars(a) | {"child": None}, "peak_flops": peak, "flops_per_token": fpt}
-    print(f"config: vocab {a.vocab}, d_model {a.d_model}, {a.layers} layers, {a.heads} heads, ffn {a.ffn}, "
-          f"batch {a.batch} x {a.seq}, {a.precision}; peak GEMM {peak / 1e9:.0f} GFLOP/s "
-          f"({torch.get_num_threads()} threads)")
+              "config": vars(a) | {"child": None}, "model": asdict(cfg), "gemm_dtype": str(gemm_dtype),
+              "peak_flops": peak, "flops_per_token": fpt}
+    shape = f"{a.hf_config} shape, " if a.hf_config else ""
+    print(f"config: {shape}vocab {cfg.vocab_size}, d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
+          f"ffn {cfg.ffn_dim}, batch {a.batch} x {a.seq}, {a.precision}; peak {gemm_dtype} GEMM "
+          f"{peak / 1e9:.0f} GFLOP/s ({torch.get_num_threads()} threads)")
+    if build_precision(PrecisionConfig(mode=a.precision), torch.device("cpu")).emulates_bf16:
+        print("note: bf16 GEMMs are emulated in fp32 on this CPU (precision/cpu_bf16.py), for transformers too; "
+              "train.compile is off there, so stagewise+compile runs eager")
     base = statistics.median(rates["transformers"])
     for v in variants:
         tps = statistics.median(rates[v])

@@ -124,3 +124,34 @@ def test_compile_is_switched_off_only_under_the_emulation(monkeypatch):
         assert fp32.compiles(True) and not fp32.compiles(False)
         assert bf16.gemm_dtype == (torch.bfloat16 if bf16_compiles else torch.float32)
     cpu_bf16.native_bf16_gemm.cache_clear()
+
+
+def test_compiled_emulated_linear_keeps_fp32_gemms():
+    """Under torch.compile the emulated linear stays the custom op (inductor cannot fold its casts
+    into a bf16 GEMM on the reference kernel) and computes what it computes eagerly."""
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    lin = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 32))
+    x = torch.randn(8, 64, requires_grad=True)
+
+    def run(fn):
+        x.grad = None
+        lin.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16), BF16GemmEmulation():
+            y = fn(x)
+        y.float().sum().backward()
+        return y.detach(), x.grad.clone(), lin[0].weight.grad.clone()
+
+    eager = run(lin)
+    compiled_fn = torch.compile(lin)
+    run(compiled_fn)  # compile
+    with profile() as prof:
+        compiled = run(compiled_fn)
+    names = {e.name for e in prof.events()}
+    assert "stagewise::emulated_bf16_linear" in names and "stagewise::emulated_bf16_mm" in names
+    bf16_mm = [e for e in prof.events() if e.name == "aten::mm" and e.cpu_parent is not None
+               and not e.cpu_parent.name.startswith("stagewise::")]
+    assert not bf16_mm, [e.cpu_parent.name for e in bf16_mm]
+    for a, b in zip(eager, compiled):
+        assert a.dtype == b.dtype and torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-3)
