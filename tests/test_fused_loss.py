@@ -88,8 +88,9 @@ def test_emulated_and_native_bf16_agree():
 
 
 def test_underflowing_target_probability_gives_the_exact_loss():
-    """A target logit ~200 below the row's maximum has probability 0 in fp32: the loss of such
-    rows comes from log-sum-exp instead of log(p), and stays finite and exact."""
+    """A target logit ~200 below the row's maximum has probability 0 in fp32: the loss is taken
+    as log-sum-exp - logit (the log-sum-exp from the row maximum's probability), not -log(p), so
+    it stays finite and exact."""
     V, d = 8192, 4
     h = torch.zeros(3, d)
     h[:, 0] = 1.0
