@@ -208,7 +208,8 @@ def main() -> None:
                 steps[v]()
             rates[v].append(tok_per_step * a.steps / (time.perf_counter() - t0))
     # Under the CPU bf16 emulation the GEMMs run in fp32: MFU is against the fp32 peak then.
-    gemm_dtype = build_precision(PrecisionConfig(mode=a.precision), torch.device("cpu")).gemm_dtype
+    precision = build_precision(PrecisionConfig(mode=a.precision), torch.device("cpu"))
+    gemm_dtype = precision.gemm_dtype
     peak = peak_flops(torch.device("cpu"), gemm_dtype)
     fpt = flops_per_token(cfg, a.seq)
     result = {"date": datetime.date.today().isoformat(), "machine": _device_name(torch.device("cpu")),
@@ -219,7 +220,7 @@ def main() -> None:
     print(f"config: {shape}vocab {cfg.vocab_size}, d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
           f"ffn {cfg.ffn_dim}, batch {a.batch} x {a.seq}, {a.precision}; peak {gemm_dtype} GEMM "
           f"{peak / 1e9:.0f} GFLOP/s ({torch.get_num_threads()} threads)")
-    if build_precision(PrecisionConfig(mode=a.precision), torch.device("cpu")).emulates_bf16:
+    if precision.emulates_bf16:
         print("note: bf16 GEMMs are emulated in fp32 on this CPU (precision/cpu_bf16.py), for transformers too; "
               "train.compile is off there, so stagewise+compile runs eager")
     base = statistics.median(rates["transformers"])
