@@ -10,6 +10,10 @@ Parameter names follow Meta's reference Llama code (`tok_embeddings`, `layers.{i
 RoPE (model/rope.py) uses the split-halves (`rotate_half`) pairing of HF Llama — dimension i
 rotates with i + head_dim/2 — so HF checkpoints load without permuting the q/k projection rows.
 
+Packed rows (forward/token_logprobs with positions and doc_ids) attend block-causally, within
+each document only, through SDPA with a [B, 1, T, T] boolean mask; RoPE is gathered at each
+token's position within its document.
+
 Initialisation (`Transformer.init_weights`, also run by `__init__`):
   * token embeddings and every linear weight ~ N(0, init_std);
   * the two projections that write into the residual stream (attention.wo, feed_forward.w2)
@@ -32,7 +36,8 @@ import torch.nn.functional as F
 
 from stagewise.config.schema import ModelConfig
 from stagewise.errors import ConfigError
-from stagewise.model.loss import linear_cross_entropy, logits_cross_entropy
+from stagewise.model.loss import (linear_cross_entropy, linear_token_logprobs, logits_cross_entropy,
+                                  logits_token_logprobs)
 from stagewise.model.rope import apply_rope, rope_tables
 
 
@@ -62,6 +67,16 @@ def validate_model_config(cfg: ModelConfig) -> None:
     if cfg.global_every and cfg.sliding_window is None:
         raise ConfigError(f"model.global_every: needs model.sliding_window (local layers), got "
                           f"global_every={cfg.global_every} with sliding_window null")
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Positions [B, T] int64 restarting at 0 wherever doc_ids [B, T] changes along a row (each
+    document's tokens contiguous). No host sync: a running maximum of the document start indices."""
+    T = doc_ids.shape[1]
+    idx = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return idx - torch.where(starts, idx, 0).cummax(dim=1).values
 
 
 def is_local_layer(cfg: ModelConfig, i: int) -> bool:
@@ -298,58 +313,126 @@ class Transformer(nn.Module):
             if isinstance(module, RMSNorm):
                 module.reset_parameters()
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
-                targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, targets: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, vocab_size] in the compute dtype. With a cache, the chunk
         sits at positions cache.pos .. cache.pos + T - 1 and attends to everything cached before it.
 
         With targets [B, T] (IGNORE_INDEX where no loss is taken) it returns instead the summed
         next-token cross-entropy, an fp32 scalar, without materialising the full logits when the
-        output head is a plain linear layer (model/loss.py)."""
+        output head is a plain linear layer (model/loss.py).
+
+        Packed rows (several documents per row, no cache): positions [B, T] are the RoPE positions
+        (each < max_seq_len), doc_ids [B, T] the document of each token, each document's tokens
+        contiguous (padding may be a document of its own). A token then attends only to its own
+        document's tokens up to itself, local layers within sliding_window positions of it. Either
+        may be given alone: positions alone only move RoPE; doc_ids alone restart positions at 0
+        in every document (document_positions)."""
+        h = self._trunk(tokens, cache, positions, doc_ids)
+        if targets is None:
+            return self.output(h)
+        return self.loss(h, targets)
+
+    def token_logprobs(self, tokens: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor | None = None,
+                       doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(targets[b, t] | tokens[b, :t + 1]) as fp32 [B, T], 0.0 where targets is IGNORE_INDEX;
+        differentiable per token (preference and policy-gradient objectives weight each one).
+        Fused with the output head as forward(targets=...) is; positions/doc_ids as in forward."""
+        h = self._trunk(tokens, None, positions, doc_ids)
+        dtype = self._fused_head_dtype(h)
+        if dtype is not None:
+            out = linear_token_logprobs(h.flatten(0, 1), self.output.weight, targets.flatten(), dtype)
+            return out.view(targets.shape)
+        return logits_token_logprobs(self.output(h), targets)
+
+    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                      doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The output head's input [B, T, d] (final norm applied), for objectives that need more of the
+        head's output than one token's log-prob (the full distribution: a KL to a reference model)."""
+        return self._trunk(tokens, None, positions, doc_ids)
+
+    def _trunk(self, tokens: torch.Tensor, cache: KVCache | None, positions: torch.Tensor | None,
+               doc_ids: torch.Tensor | None) -> torch.Tensor:
+        """The final-norm hidden states [B, T, d] (the output head's input)."""
+        packed = positions is not None or doc_ids is not None
+        if packed and cache is not None:
+            raise ValueError("positions/doc_ids (packed rows) cannot be combined with a KV cache")
         T = tokens.shape[1]
         start = cache.pos if cache is not None else 0
         limit = min(self.cfg.max_seq_len, cache.max_len) if cache is not None else self.cfg.max_seq_len
         if start + T > limit:
             raise ValueError(f"sequence of {start + T} positions exceeds the limit of {limit} "
                              f"(model.max_seq_len={self.cfg.max_seq_len})")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
-        mask = None
-        if start > 0 and T > 1:
-            # Query i (absolute position start + i) sees keys 0 .. start + i: is_causal would
-            # align the triangle to the top-left and hide the cached prefix.
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=tokens.device).tril(diagonal=start)
-        local_mask, local_cos, local_sin = mask, cos, sin
-        window = self.cfg.sliding_window
-        if any(self.local) and start + T > window:
-            # Key j is visible from query position q when q - window < j <= q (HF's convention).
-            q = torch.arange(start, start + T, device=tokens.device)[:, None]
-            j = torch.arange(start + T, device=tokens.device)[None, :]
-            local_mask = (j <= q) & (j > q - window)
-        if self.cfg.rope_local_base is not None:
-            local_cos, local_sin = self.rope_local_cos[start:start + T], self.rope_local_sin[start:start + T]
+        inputs, local_inputs = self._attention_inputs(T, start, tokens.device)
+        if packed:
+            inputs, local_inputs = self._packed_attention_inputs(inputs, local_inputs, positions, doc_ids)
         h = self.tok_embeddings(tokens)
         if self.cfg.scale_embeddings:
             # Gemma rounds sqrt(d) to the compute dtype before multiplying; so do we.
             h = h * torch.tensor(self.cfg.d_model ** 0.5, dtype=h.dtype, device=h.device)
         layers = self._compiled if self._compiled is not None and cache is None else self.layers
         for i, layer in enumerate(layers):
-            if self.local[i]:
-                h = layer(h, local_cos, local_sin, local_mask, cache, i)
-            else:
-                h = layer(h, cos, sin, mask, cache, i)
+            h = layer(h, *(local_inputs if self.local[i] else inputs), cache, i)
         if cache is not None:
             cache.pos += T
-        h = self.norm(h)
-        if targets is None:
-            return self.output(h)
-        return self.loss(h, targets)
+        return self.norm(h)
 
-    def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Summed cross-entropy of the output head on final hidden states h [B, T, d]."""
+    def _attention_inputs(self, T: int, start: int, device: torch.device):
+        """((cos, sin, mask) of global layers, the same of local layers) for one sequence per row at
+        positions start .. start + T - 1; mask None means causal."""
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        mask = None
+        if start > 0 and T > 1:
+            # Query i (absolute position start + i) sees keys 0 .. start + i: is_causal would
+            # align the triangle to the top-left and hide the cached prefix.
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start)
+        local_mask, local_cos, local_sin = mask, cos, sin
+        window = self.cfg.sliding_window
+        if any(self.local) and start + T > window:
+            # Key j is visible from query position q when q - window < j <= q (HF's convention).
+            q = torch.arange(start, start + T, device=device)[:, None]
+            j = torch.arange(start + T, device=device)[None, :]
+            local_mask = (j <= q) & (j > q - window)
+        if self.cfg.rope_local_base is not None:
+            local_cos, local_sin = self.rope_local_cos[start:start + T], self.rope_local_sin[start:start + T]
+        return (cos, sin, mask), (local_cos, local_sin, local_mask)
+
+    def _packed_attention_inputs(self, inputs, local_inputs, positions, doc_ids):
+        """_attention_inputs' tuples with RoPE gathered at positions [B, T] and, given doc_ids, a
+        block-causal [B, 1, T, T] mask. SDPA with a boolean mask, not flex_attention: torch 2.13
+        has no flex_attention backward on CPU (bench/packed_attention.py)."""
+        if positions is None:
+            positions = document_positions(doc_ids)
+        mask, local_mask = inputs[2], local_inputs[2]  # positions alone keep one sequence's masks
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        local_cos, local_sin = cos, sin
+        if self.cfg.rope_local_base is not None:
+            local_cos, local_sin = self.rope_local_cos[positions], self.rope_local_sin[positions]
+        if doc_ids is not None:
+            T = doc_ids.shape[1]
+            causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+            mask = ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal).unsqueeze(1)
+            local_mask = mask
+            if any(self.local):  # the window counts positions within the document (HF's q - window < j)
+                distance = positions[:, None, :, None] - positions[:, None, None, :]
+                local_mask = mask & (distance < self.cfg.sliding_window)
+        return (cos, sin, mask), (local_cos, local_sin, local_mask)
+
+    def _fused_head_dtype(self, h: torch.Tensor) -> torch.dtype | None:
+        """The compute dtype in which to fuse the output head with its loss (model/loss.py), or None
+        where the head's plain ops must run: a head that is not a bias-free nn.Linear (adapters),
+        fp16 (whose numerics live in the plain ops), or fused_loss switched off."""
         dtype = self.output.weight.dtype
         if torch.is_autocast_enabled(h.device.type):
             dtype = torch.get_autocast_dtype(h.device.type)
         if self.fused_loss and type(self.output) is nn.Linear and self.output.bias is None \
                 and dtype != torch.float16:
+            return dtype
+        return None
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of the output head on final hidden states h [B, T, d]."""
+        dtype = self._fused_head_dtype(h)
+        if dtype is not None:
             return linear_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten(), dtype)
         return logits_cross_entropy(self.output(h), targets)

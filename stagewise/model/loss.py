@@ -157,3 +157,113 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     with torch.autocast(device_type=h.device.type, enabled=False):
         return _LinearCrossEntropy.apply(h, weight, targets, compute_dtype, chunk or chunk_rows(*weight.shape, compute_dtype.itemsize),
                                          grad and h.requires_grad, grad and weight.requires_grad)
+
+
+# ---- per-token log-probabilities --------------------------------------------------------------
+#
+# Preference and policy-gradient objectives (DPO, GRPO, ...) weight each token's log p(target) on
+# its own, so the head's backward needs an arbitrary per-row output gradient, not one scalar: the
+# gradient cannot be formed in forward as _LinearCrossEntropy does. Forward keeps only the
+# per-row log-sum-exp ([N] fp32); backward recomputes each chunk's logits and exp(logits - lse).
+
+
+def logits_token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The unfused reference: log p(target) of materialised logits [..., V], fp32 [...], 0.0 where
+    the target is IGNORE_INDEX (log-softmax in fp32, as for logits_cross_entropy)."""
+    valid = targets != IGNORE_INDEX
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, picked, 0.0)
+
+
+def _rounder(gemm: torch.dtype, compute_dtype: torch.dtype, rows: int, V: int, device):
+    """In-place rounding of fp32 GEMM outputs to the compute dtype under the bf16 emulation (through
+    one reused buffer, as in _LinearCrossEntropy); the identity otherwise."""
+    if gemm == compute_dtype:
+        return lambda t: t
+    buf = torch.empty((rows, V), dtype=compute_dtype, device=device)
+    return lambda t: t.copy_(buf[:t.shape[0]].copy_(t))
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, compute_dtype, chunk):
+        gemm = _gemm_dtype(compute_dtype)
+        hc, wc = h.to(compute_dtype).to(gemm), weight.to(compute_dtype).to(gemm)
+        n, V = hc.shape[0], wc.shape[0]
+        chunk = -(-n // -(-n // chunk))  # equal chunks, as in _LinearCrossEntropy
+        rnd = _rounder(gemm, compute_dtype, min(chunk, n), V, h.device)
+        logits_buf = torch.empty((min(chunk, n), V), dtype=gemm, device=h.device)
+        probs_buf = torch.empty((min(chunk, n), V), dtype=torch.float32, device=h.device) \
+            if gemm == torch.float32 else None
+        out = torch.empty(n, dtype=torch.float32, device=h.device)
+        lse = torch.empty(n, dtype=torch.float32, device=h.device)
+        for s in range(0, n, chunk):
+            t = targets[s:s + chunk]
+            logits = rnd(torch.mm(hc[s:s + chunk], wc.t(), out=logits_buf[:t.shape[0]]))
+            valid = t != IGNORE_INDEX
+            # log-sum-exp from the row maximum's probability (>= 1/V, never underflows), as the loss.
+            probs = torch.softmax(logits, dim=1, dtype=torch.float32) if probs_buf is None \
+                else torch._softmax(logits, 1, False, out=probs_buf[:t.shape[0]])
+            l_max, i_max = logits.max(dim=1, keepdim=True)
+            row_lse = (l_max.float() - torch.log(probs.gather(1, i_max))).squeeze(1)
+            del probs
+            picked = logits.gather(1, torch.where(valid, t, 0).unsqueeze(1)).squeeze(1).float()
+            lse[s:s + chunk] = row_lse
+            out[s:s + chunk] = torch.where(valid, picked - row_lse, 0.0)
+        ctx.save_for_backward(h, weight, targets, lse)
+        ctx.compute_dtype, ctx.gemm, ctx.chunk = compute_dtype, gemm, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, targets, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        # Backward may run under the caller's autocast or the bf16 emulation mode; the dtypes here
+        # were fixed in forward.
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            dh, dw = _token_logprobs_grads(h, weight, targets, lse, grad_out, ctx.compute_dtype, ctx.gemm,
+                                           ctx.chunk, need_h, need_w)
+        return (dh.to(h.dtype) if need_h else None, dw.to(weight.dtype) if need_w else None, None, None, None)
+
+
+def _token_logprobs_grads(h, weight, targets, lse, grad_out, compute_dtype, gemm, chunk, need_h, need_w):
+    """d sum_i g_i log p_i / d logits_i = g_i (onehot(target_i) - softmax(logits_i)), per chunk; the
+    product by g_i is taken in fp32 before rounding to the compute dtype (each row has its own scale)."""
+    hc, wc = h.to(compute_dtype).to(gemm), weight.to(compute_dtype).to(gemm)
+    n, V = hc.shape[0], wc.shape[0]
+    rnd = _rounder(gemm, compute_dtype, min(chunk, n), V, h.device)
+    logits_buf = torch.empty((min(chunk, n), V), dtype=gemm, device=h.device)
+    probs_buf = torch.empty((min(chunk, n), V), dtype=torch.float32, device=h.device)
+    dh = torch.empty(hc.shape, dtype=compute_dtype, device=h.device) if need_h else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    valid_all = targets != IGNORE_INDEX
+    g_all = torch.where(valid_all, grad_out.float(), 0.0)  # ignored rows contribute nothing
+    for s in range(0, n, chunk):
+        x, t = hc[s:s + chunk], targets[s:s + chunk]
+        m = x.shape[0]
+        logits = rnd(torch.mm(x, wc.t(), out=logits_buf[:m]))
+        probs = probs_buf[:m].copy_(logits).sub_(lse[s:s + m, None]).exp_()
+        g = g_all[s:s + m, None]
+        safe_t = torch.where(valid_all[s:s + m], t, 0).unsqueeze(1)
+        probs.scatter_add_(1, safe_t, torch.full_like(safe_t, -1, dtype=probs.dtype))
+        dlogits = probs.mul_(-g)  # g * (onehot - softmax)
+        dlogits = rnd(dlogits) if gemm == torch.float32 else logits.copy_(dlogits)
+        if dh is not None:
+            dh[s:s + m] = dlogits @ wc
+        if dw is not None:
+            dw.addmm_(dlogits.t(), x) if gemm == torch.float32 else dw.add_(dlogits.t() @ x)
+    return dh, dw
+
+
+def linear_token_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          compute_dtype: torch.dtype, chunk: int | None = None) -> torch.Tensor:
+    """log softmax(h @ weight.T)[i, targets[i]] per row, fp32 [N]; 0.0 where targets is IGNORE_INDEX.
+
+    h [N, d], weight [V, d]. Same precision as linear_cross_entropy (GEMMs in `compute_dtype`,
+    softmax in fp32, row chunks of chunk_rows), and differentiable for any output gradient, so the
+    result can be weighted per token. Runs outside autocast (the caller passes its dtype).
+    """
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        return _LinearTokenLogprobs.apply(h, weight, targets, compute_dtype,
+                                          chunk or chunk_rows(*weight.shape, compute_dtype.itemsize))

@@ -44,7 +44,10 @@ def rope_tables(head_dim: int, max_len: int, base: float, scaling=None) -> tuple
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + d/2) of x [B, heads, T, d] by the angles in cos/sin [T, d]."""
+    """Rotate pairs (i, i + d/2) of x [B, heads, T, d] by the angles in cos/sin [T, d], or [B, T, d]
+    per row (packed sequences, whose positions restart in every document)."""
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     # Tables are fp32; casting them (not x) keeps bf16 activations bf16 instead of promoting.
