@@ -144,6 +144,7 @@ def main() -> None:
         return
     import torch
 
+    from stagewise import rundir
     from stagewise.train.metrics import _device_name
 
     model, docs = prepare()
@@ -154,7 +155,7 @@ def main() -> None:
     plan = run(sw + ["plan", str(rec)])
     predicted = re.search(r"^\s+total\s+([\d.]+) GiB", plan, re.M)
     run(sw + ["run", str(rec)])
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = rundir.read_metrics(run_dir / rundir.METRICS)
     steps = [r for r in rows if "tokens_per_s" in r]
     sw_rates = [r["tokens_per_s"] for r in steps][2:]
     sw_logged_peak = max(r["peak_mem_bytes"] for r in steps)

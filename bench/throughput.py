@@ -36,8 +36,7 @@ from pathlib import Path
 import torch
 
 from stagewise.config.schema import ModelConfig, OptimConfig, PrecisionConfig
-from stagewise.interop.hf_families import from_hf_config
-from stagewise.interop.hf_llama import to_hf_llama_config
+from stagewise.interop.hf_families import FAMILIES, from_hf_config, to_hf_config
 from stagewise.model import Transformer
 from stagewise.model.flops import flops_per_token
 from stagewise.objectives import Batch, causal_lm_loss
@@ -123,7 +122,7 @@ def build(variant: str, a):
 
         hf = hf_config(a)
         if hf is None:
-            hf_cfg = LlamaConfig(**{k: v for k, v in to_hf_llama_config(cfg).items()
+            hf_cfg = LlamaConfig(**{k: v for k, v in to_hf_config(cfg, FAMILIES["llama"]).items()
                                     if k not in ("architectures", "model_type", "torch_dtype")})
         else:
             hf_cfg = AutoConfig.for_model(**{k: v for k, v in hf.items() if k not in ("architectures", "torch_dtype")})

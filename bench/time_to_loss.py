@@ -33,6 +33,9 @@ from pathlib import Path
 
 import yaml
 
+from stagewise import rundir
+from stagewise.errors import StagewiseError
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results" / "time_to_loss.jsonl"
 DEFAULT_RECIPE = ROOT / "recipes" / "quickstart.yaml"
@@ -53,22 +56,16 @@ class Crossing:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The run's per-step records, one per step (a resumed run's repeated steps: the last wins)."""
+    """The run's per-step records, read as the product reads them (stagewise.rundir.read_metrics)."""
     if not path.is_file():
         raise TimeToLossError(f"no metrics: {path} does not exist (is it a stagewise run directory?)")
-    by_step: dict[int, dict] = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TimeToLossError(f"{path}:{n}: not a JSON record ({e.msg})") from None
-        if "step" in rec:
-            by_step[int(rec["step"])] = rec
-    if not by_step:
+    try:
+        records = rundir.read_metrics(path)
+    except StagewiseError as e:
+        raise TimeToLossError(str(e)) from None
+    if not records:
         raise TimeToLossError(f"no metrics: {path} holds no step records")
-    return [by_step[s] for s in sorted(by_step)]
+    return records
 
 
 def eval_points(records: list[dict]) -> list[dict]:
@@ -227,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             out = a.out or Path(tempfile.mkdtemp(prefix="time_to_loss-"))
             run_dir, wall = train(a.recipe, overrides, out)
             recipe = str(a.recipe.resolve().relative_to(ROOT)) if a.recipe.resolve().is_relative_to(ROOT) else str(a.recipe)
-        s = summarize(read_metrics(run_dir / "metrics.jsonl"), a.targets)
+        s = summarize(read_metrics(run_dir / rundir.METRICS), a.targets)
         info = json.loads((run_dir / "run_info.json").read_text()) if (run_dir / "run_info.json").is_file() else {}
         record = {"date": datetime.date.today().isoformat(), "machine": machine(),
                   "threads": info.get("threads"), "torch": info.get("torch"), "device": info.get("device"),

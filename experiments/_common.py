@@ -32,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(REPO))  # in-process imports use the same stagewise as the runs (cwd=REPO)
+from stagewise import rundir  # noqa: E402
 SEEDS = tuple(int(s) for s in os.environ.get("EXPERIMENT_SEEDS", "1,2,3").split(","))
 WORKERS = int(os.environ.get("EXPERIMENT_JOBS", "2"))  # runs at a time, one thread each
 NOISE_FACTOR = 2.0
@@ -57,7 +58,7 @@ def _train(experiment: str, spec: Spec, seed: int) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     wall = time.perf_counter() - t0
-    recs = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+    recs = rundir.read_metrics(out / name / rundir.METRICS)
     print(f"  {name}: {wall:.0f}s, final loss {recs[-1]['loss']:.4f}", flush=True)
     return {"label": spec.label, "name": spec.name, "seed": seed, "wall_s": round(wall, 1), "dir": out / name,
             "metrics": recs}

@@ -74,9 +74,9 @@ def write_example_run(run_dir: Path, steps_per_stage: int = 400, eval_every: int
             norm = sum(realised.values())
             rec = {"step": step, "tokens": step * tokens_per_step, "lr": lr,
                    "loss": sum(mix[d] * val[d] for d in domains) + 0.08 * rng.gauss(0, 1),
-                   "step_time_s": 0.4, "stage": si, "stage_name": name,
-                   "replay_frac": sum(realised[d] for d in stages[:si]) / norm,
-                   **{f"mix/{d}": realised[d] / norm for d in domains}}
+                   "step_time_s": 0.4, "stage": si, **{f"mix/{d}": realised[d] / norm for d in domains}}
+            if si:  # as the trainer writes it: only in a stage that replays
+                rec["replay"] = sum(realised[d] for d in stages[:si]) / norm
             if step % eval_every == 0 or k == steps_per_stage - 1:
                 rec.update({f"val_loss/{d}": val[d] + 0.01 * rng.gauss(0, 1) for d in domains})
                 rec["val_loss"] = sum(rec[f"val_loss/{d}"] for d in domains) / len(domains)
@@ -86,7 +86,7 @@ def write_example_run(run_dir: Path, steps_per_stage: int = 400, eval_every: int
             for d in stages[:si]:
                 gap.append({"stage": si, "domain": d, "boundary_step": step - steps_per_stage,
                             "boundary_loss": round(boundary[d], 4), "peak_rise": 0.18, "peak_step":
-                            step - steps_per_stage + 20, "recovery_steps": 55 if d == "web" else None})
+                            step - steps_per_stage + 20, "recover_steps": 55 if d == "web" else None})
     forgetting = [[None if i < j else round(matrix[i][j] - min(matrix[k][j] for k in range(j, i + 1)), 4)
                    for j in range(len(domains))] for i in range(len(stages))]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

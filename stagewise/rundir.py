@@ -6,29 +6,35 @@
       tokenizer.json       the tokenizer the data was encoded with (+ stagewise_special_tokens.json
                            for an imported one: its eos/bos/stop tokens, data/special_tokens.py)
       run_info.json        torch version, device, thread count, dataset used
-      metrics.jsonl        one line per optimizer step
+      metrics.jsonl        one line per optimizer step (read back with `read_metrics`)
+      forgetting.json      multi-stage runs: loss on every domain after each stage (eval/forgetting.py)
       checkpoints/step_NNNNNNNN/   full training state (DCP + train_state.json)
       final/               model.safetensors + config.json + tokenizer.json at the end
 
 `stagewise sample/eval` accept a run directory (its newest checkpoint), a checkpoint
-directory, or an exported directory (model.safetensors + config.json).
+directory, or an exported directory (model.safetensors + config.json); a recipe's `init_from`
+also a Hugging Face model directory (read by interop/hf_read.py). Importing this module does
+not import torch (the report reads run directories without it).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from stagewise.config.loader import from_dict
 from stagewise.config.schema import ModelConfig
 from stagewise.errors import CheckpointError, ConfigError
 
+if TYPE_CHECKING:
+    import torch
+
 CONFIG = "config.yaml"
 MODEL_CONFIG = "model_config.json"
 TOKENIZER = "tokenizer.json"
 METRICS = "metrics.jsonl"
+FORGETTING = "forgetting.json"
 RUN_INFO = "run_info.json"
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
@@ -48,6 +54,34 @@ def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl's records in step order ([] before the first step is logged).
+
+    A run still writing may leave a torn last line (no newline yet): skipped. Any other line that
+    is not a JSON object with an integer `step` is a CheckpointError naming the file and line.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    lines = text.splitlines()
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            if n == len(lines) and not text.endswith("\n"):
+                break
+            raise CheckpointError(f"{path}:{n}: not a JSON object") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+            raise CheckpointError(f"{path}:{n}: expected a JSON object with an integer 'step'")
+        records.append(rec)
+    return sorted(records, key=lambda r: r["step"])
 
 
 def resolve_model_source(path: str | Path) -> tuple[str, Path, Path]:
@@ -81,6 +115,8 @@ def tokenizer_files(meta_dir: Path) -> dict[str, Path]:
 
 
 def load_model_config(meta_dir: Path) -> ModelConfig:
+    """A run directory's model_config.json, or the architecture in an export's config.json
+    (checkpoint/export.py's export_config)."""
     for name in (MODEL_CONFIG, "config.json"):
         f = meta_dir / name
         if f.is_file():
@@ -88,6 +124,20 @@ def load_model_config(meta_dir: Path) -> ModelConfig:
             data = data.get("stagewise_model", data)
             return from_dict(ModelConfig, data, "model")
     raise CheckpointError(f"{meta_dir}: no {MODEL_CONFIG} or config.json describing the model")
+
+
+def original_hf_config(meta_dir: Path) -> dict | None:
+    """The HF config an imported model came from, if `meta_dir` recorded one: an export's
+    config.json (its `hf_config`) or a run directory's hf_config.json (a run with an HF init_from)."""
+    for name in ("config.json", "hf_config.json"):
+        f = meta_dir / name
+        if f.is_file():
+            data = json.loads(f.read_text())
+            if "hf_config" in data:
+                return data["hf_config"]
+            if name == "hf_config.json":
+                return data
+    return None
 
 
 def load_model(path: str | Path, device: torch.device):
@@ -116,18 +166,19 @@ def load_model(path: str | Path, device: torch.device):
 
 
 def _is_hf_dir(p: Path) -> bool:
-    from stagewise.interop.hf_io import _read_json
+    from stagewise.checkpoint.export import EXPORT_FORMAT
+    from stagewise.interop.hf_read import read_json
 
     cfg_file = p / "config.json"
     return cfg_file.is_file() and not (p / MODEL_CONFIG).is_file() \
-        and _read_json(cfg_file, "the model's config").get("format") != "stagewise"
+        and read_json(cfg_file, "the model's config").get("format") != EXPORT_FORMAT
 
 
 def load_init_source(path: str | Path):
     """(model config, model state, dir holding tokenizer.json and its side files, HF config or None)
     for a recipe's `init_from`: any path `load_model` accepts, or a Hugging Face model directory."""
     from stagewise.checkpoint import load_model_state
-    from stagewise.interop.hf_io import load_hf, original_hf_config
+    from stagewise.interop.hf_read import load_hf
 
     p = Path(path).expanduser()
     if _is_hf_dir(p):
@@ -140,12 +191,12 @@ def load_init_source(path: str | Path):
 def load_init_config(path: str | Path) -> tuple[ModelConfig, Path]:
     """(model config, dir holding tokenizer.json) of an `init_from`, without reading its weights."""
     from stagewise.interop.hf_families import from_hf_config
-    from stagewise.interop.hf_io import _read_json
+    from stagewise.interop.hf_read import read_json
     from stagewise.model import validate_model_config
 
     p = Path(path).expanduser()
     if _is_hf_dir(p):
-        mcfg = from_hf_config(_read_json(p / "config.json", "the model's config"))
+        mcfg = from_hf_config(read_json(p / "config.json", "the model's config"))
         try:
             validate_model_config(mcfg)
         except ConfigError as e:

@@ -127,7 +127,7 @@ def test_gemma3_270m_gguf_import_generate_train_export(tmp_path, capsys, monkeyp
         opt.zero_grad(set_to_none=True)
         with precision.autocast():
             out = causal_lm_loss(ours, batch)
-        loss = out.loss_sum / out.num_targets
+        loss = out.loss_sum / out.normaliser
         loss.backward()
         opt.step()
         losses.append(loss.item())
@@ -138,12 +138,11 @@ def test_gemma3_270m_gguf_import_generate_train_export(tmp_path, capsys, monkeyp
     phases["training"] = time.perf_counter() - t0 - sum(phases.values())
 
     # Export the trained model; transformers reloads it with the same logits.
-    import dataclasses
     import shutil
 
-    from stagewise.checkpoint import export_safetensors
+    from stagewise.checkpoint import export_config, export_safetensors
 
-    export_safetensors(ours, {"format": "stagewise", "stagewise_model": dataclasses.asdict(mcfg)}, tmp_path / "trained",
+    export_safetensors(ours, export_config(mcfg), tmp_path / "trained",
                        extra_files={"tokenizer.json": tmp_path / "sw" / "tokenizer.json"})
     for f in ("tokenizer_config.json", "generation_config.json"):
         if (tmp_path / "sw" / f).is_file():

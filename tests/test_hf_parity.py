@@ -1,4 +1,5 @@
-"""Reference test: our Llama against transformers' LlamaForCausalLM, weights mapped both ways."""
+"""Reference test: our Llama against transformers' LlamaForCausalLM, weights mapped both ways with
+the mapping import-hf/export-hf use (interop/hf_families.py, family "llama")."""
 
 import json
 from dataclasses import replace
@@ -11,8 +12,8 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from stagewise.config.schema import ModelConfig  # noqa: E402
 from stagewise.errors import CheckpointError, ConfigError  # noqa: E402
-from stagewise.interop.hf_llama import (from_hf_llama_config, from_hf_state_dict, to_hf_llama_config,  # noqa: E402
-                                        to_hf_state_dict)
+from stagewise.interop.hf_families import (FAMILIES, from_hf_config, from_hf_state_dict, to_hf_config,  # noqa: E402
+                                           to_hf_state_dict)
 from stagewise.model.llama import Transformer, resolved_dims  # noqa: E402
 
 CASES = {  # name: (n_kv_heads, head_dim, tied)
@@ -22,6 +23,7 @@ CASES = {  # name: (n_kv_heads, head_dim, tied)
     "gqa2-headdim24-tied": (2, 24, True),
     "mqa-headdim24-untied": (1, 24, False),
 }
+LLAMA = FAMILIES["llama"]
 BASE = ModelConfig(vocab_size=101, d_model=64, n_layers=2, n_heads=4, ffn_dim=160, max_seq_len=64,
                    rope_base=50000.0, norm_eps=1e-6, init_std=0.1)
 
@@ -61,9 +63,9 @@ def test_hf_weights_into_our_model(case):
     cfg = our_config(*CASES[case])
     hf = hf_model(cfg)
     # The config mapping is under test too: rebuild ours from HF's own config.json dict.
-    ours = Transformer(from_hf_llama_config(hf.config.to_dict(), base=BASE))
+    ours = Transformer(from_hf_config(hf.config.to_dict(), base=BASE))
     assert explicit(ours.cfg) == explicit(cfg)
-    ours.load_state_dict(from_hf_state_dict(hf.state_dict()), strict=True)
+    ours.load_state_dict(from_hf_state_dict(hf.state_dict(), LLAMA), strict=True)
     if cfg.tie_embeddings:
         assert ours.output.weight is ours.tok_embeddings.weight
     tokens = torch.randint(0, cfg.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
@@ -79,9 +81,9 @@ def test_our_weights_into_hf_via_config_json_and_safetensors(case, tmp_path):
         for name, p in ours.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
-    sd = to_hf_state_dict(ours.state_dict())
+    sd = to_hf_state_dict(ours.state_dict(), LLAMA, cfg.tie_embeddings)
     assert ("lm_head.weight" in sd) == (not cfg.tie_embeddings)
-    (tmp_path / "config.json").write_text(json.dumps(to_hf_llama_config(cfg)))
+    (tmp_path / "config.json").write_text(json.dumps(to_hf_config(cfg, LLAMA)))
     safetensors_torch.save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "model.safetensors")
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float().eval()
     assert hf.config.rope_parameters["rope_theta"] == cfg.rope_base
@@ -94,14 +96,20 @@ def test_our_weights_into_hf_via_config_json_and_safetensors(case, tmp_path):
     assert max_logit_diff(ours, hf, tokens) <= 1e-4
 
 
-def test_round_trip_and_refusals():
+def test_tensor_names_and_refusals():
     cfg = our_config(2, None, False)
     sd = Transformer(cfg).state_dict()
-    back = from_hf_state_dict(to_hf_state_dict(sd))
-    assert back.keys() == sd.keys() and all(back[k] is sd[k] for k in sd)
+    hf = to_hf_state_dict(sd, LLAMA, tie_embeddings=False)
+    per_layer = ["input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    assert sorted(hf) == sorted(["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+                                + [f"model.layers.{i}.{n}.weight" for i in range(2) for n in per_layer])
+    assert hf["model.layers.1.mlp.down_proj.weight"] is sd["layers.1.feed_forward.w2.weight"]
+    assert hf["model.layers.0.post_attention_layernorm.weight"] is sd["layers.0.ffn_norm.weight"]
+    assert "lm_head.weight" not in to_hf_state_dict(sd, LLAMA, tie_embeddings=True)
     with pytest.raises(CheckpointError, match="q_proj.bias"):
-        from_hf_state_dict({**to_hf_state_dict(sd), "model.layers.0.self_attn.q_proj.bias": torch.zeros(1)})
+        from_hf_state_dict({**hf, "model.layers.0.self_attn.q_proj.bias": torch.zeros(1)}, LLAMA)
     with pytest.raises(ConfigError, match="model.qk_norm"):
-        to_hf_llama_config(replace(cfg, qk_norm=True))
+        to_hf_config(replace(cfg, qk_norm=True), LLAMA)
     with pytest.raises(ConfigError, match="rope_scaling"):
-        from_hf_llama_config({**to_hf_llama_config(cfg), "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+        from_hf_config({**to_hf_config(cfg, LLAMA), "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})

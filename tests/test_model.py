@@ -204,14 +204,15 @@ def saved_activation_bytes(model, tokens, autocast):
     return sum(storages.values())
 
 
-@pytest.mark.parametrize("autocast", [False, True])
-@pytest.mark.parametrize("tie,qk_norm", [(True, False), (False, True)])
+@pytest.mark.parametrize("autocast,tie,qk_norm", [
+    (False, True, False), (False, False, True), (True, True, False), (True, False, True),
+])
 def test_activation_estimate_matches_saved_tensors(autocast, tie, qk_norm):
     cfg = replace(TINY, tie_embeddings=tie, qk_norm=qk_norm, d_model=96, n_heads=6, n_kv_heads=2, ffn_dim=256)
     B, T = 3, 48
     measured = saved_activation_bytes(build(cfg), torch.randint(0, cfg.vocab_size, (B, T)), autocast)
     estimate = estimate_memory(cfg, B, T, act_bytes=2 if autocast else 4)
-    assert abs(estimate["activations"] / measured - 1) < 0.30, (estimate["activations"], measured)
+    assert estimate["activations"] == measured  # to the byte: derived op by op for this model
     n = param_counts(cfg)["total"]
     assert (estimate["params"], estimate["grads"], estimate["optimizer"]) == (4 * n, 4 * n, 8 * n)
     assert estimate["total"] == sum(v for k, v in estimate.items() if k != "total")

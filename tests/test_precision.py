@@ -21,7 +21,7 @@ from stagewise.optim import build_optimizer
 from stagewise.precision import CompensatedAdamW, build_precision
 from stagewise.precision.pure_bf16 import stochastic_round_bf16
 from stagewise.precision.telemetry import GradFormatStats, LostUpdate
-from stagewise.train.metrics import read_metrics
+from stagewise.rundir import read_metrics
 from stagewise.train.step import train_step
 
 CPU = torch.device("cpu")
@@ -339,7 +339,16 @@ def test_fp8_delayed_scaling_histories_round_trip_through_precision_state():
     assert len(hist) == 3 and all(h > 0 for h in hist)
     _, fresh, _ = _tiny("fp8", fp8=FP8Config(scaling="delayed", amax_history_len=4), telemetry_every=0)
     fresh.load_state_dict(state)
-    assert fresh.state_dict() == state
+    # Restored, every scaler takes its next scale from the recorded history, as the original does:
+    # a tensor far below every recorded amax gets max / max(history), not the max / (its own amax)
+    # of a scaler without one.
+    probe = torch.full((4,), 1e-12)
+    for name, roles in state["fp8_scalers"].items():
+        for role, recorded in roles.items():
+            restored, original = (getattr(p._modules[name], f"{role}_scaler") for p in (fresh, prec))
+            want = restored.fmt.max / max(recorded["amax_history"])
+            got = restored(probe).item()
+            assert got == pytest.approx(want, rel=1e-6) and got == original(probe).item(), (name, role)
 
 
 # --- precision schedules -------------------------------------------------------------------

@@ -41,8 +41,9 @@ def single_stage_run(d: Path) -> Path:
 
 
 def three_stage_run(d: Path, trainer_keys: bool = False) -> Path:
-    """trainer_keys: `replay` instead of `replay_frac`, `recover_steps` instead of `recovery_steps`, no
-    `stage_name` (names from config.yaml's stages), as the in-progress trainer writes them."""
+    """trainer_keys: `replay`, `recover_steps` and no `stage_name` (names from config.yaml's stages), as
+    the trainer writes them; otherwise the alternatives the report also accepts (`replay_frac`,
+    `recovery_steps`, a per-line `stage_name`)."""
     recs = []
     for s in range(1, 91):
         i = (s - 1) // 30
@@ -97,7 +98,7 @@ def report_cli(capsys):
     return run
 
 
-@pytest.mark.parametrize("trainer_keys", [False, True], ids=["documented-keys", "trainer-keys"])
+@pytest.mark.parametrize("trainer_keys", [False, True], ids=["alternate-keys", "trainer-keys"])
 def test_three_stage_report(tmp_path, report_cli, trainer_keys):
     run = three_stage_run(tmp_path / "run", trainer_keys)
     if trainer_keys:
@@ -176,6 +177,12 @@ def test_missing_matplotlib_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err == ("error: stagewise report needs matplotlib: "
                                        "pip install 'stagewise[experiments]'\n")
     assert not (run / "report").exists()
+
+
+def test_reading_a_run_imports_no_torch():
+    # The report reads a run with stagewise.rundir (file names, read_metrics) and never needs torch.
+    code = "import sys, stagewise.report\nfrom stagewise.report import load_run\nprint('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
 
 
 def test_torn_last_line_of_a_running_run_is_ignored(tmp_path, report_cli):

@@ -19,7 +19,7 @@ VAL = {2: 5.0, 4: 3.9, 6: 3.4, 8: float("nan")}
 TRAIN = {1: 6.0, 2: 5.5, 3: 3.0, 4: 4.0, 5: 3.8, 6: 3.6, 7: 3.5, 8: 3.4}
 
 
-def _write(tmp_path: Path, extra: str = "") -> Path:
+def _write(tmp_path: Path) -> Path:
     lines = []
     for step in range(1, 9):
         rec = {"step": step, "tokens": 100 * step, "loss": TRAIN[step], "step_time_s": 0.5}
@@ -27,7 +27,7 @@ def _write(tmp_path: Path, extra: str = "") -> Path:
             rec["val_loss"] = VAL[step]
         lines.append(json.dumps(rec))
     path = tmp_path / "metrics.jsonl"
-    path.write_text("\n".join(lines) + "\n" + extra)
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 
@@ -46,10 +46,22 @@ def test_never_reached_names_the_best(tmp_path):
         ttl.time_to_target(records, 3.0)  # the NaN at step 8 is neither a crossing nor the best
 
 
-def test_summary_and_resumed_duplicates(tmp_path):
-    # A resumed run repeats steps after its last checkpoint; the later record wins.
-    dup = json.dumps({"step": 4, "tokens": 400, "loss": 4.0, "step_time_s": 1.5, "val_loss": 3.7}) + "\n"
-    s = ttl.summarize(ttl.read_metrics(_write(tmp_path, dup)), [4.5, 3.8, 1.0])
+def test_summary_of_a_resumed_run(tmp_path):
+    # Resumed from step 3: the trainer's MetricsLog drops the steps after the checkpoint and they are
+    # logged again (step 4 now slower and with another val_loss), so each step is in the file once.
+    from stagewise.train.metrics import MetricsLog
+
+    path = _write(tmp_path)
+    log = MetricsLog(path, resume_step=3)
+    for step in range(4, 9):
+        rec = {"step": step, "tokens": 100 * step, "loss": TRAIN[step], "step_time_s": 1.5 if step == 4 else 0.5}
+        if step in VAL:
+            rec["val_loss"] = 3.7 if step == 4 else VAL[step]
+        log.write(rec)
+    log.close()
+    records = ttl.read_metrics(path)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    s = ttl.summarize(records, [4.5, 3.8, 1.0])
     reached = [(t["target"], t.get("step"), t.get("train_s")) for t in s["targets"]]
     assert reached == [(4.5, 4, 3.0), (3.8, 4, 3.0), (1.0, None, None)]  # 3 x 0.5 s + 1.5 s
     assert s["best_val_loss"] == 3.4 and s["eval_every_tokens"] == 200 and s["final_step"] == 8

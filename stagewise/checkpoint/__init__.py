@@ -5,12 +5,13 @@
   changed world size load the same files), everything else in `train_state.json`.
   Written to a temporary directory and renamed into place; the newest `keep_last` kept.
 - `capture_rng` / `restore_rng`: generator states for `train_state`.
-- `export_safetensors` / `load_model_state`: weights for other tools and for the next stage.
+- `export_safetensors` / `load_model_state`: weights for other tools and for the next stage;
+  `export_config(model_config)` is the config.json to export them with.
 
 Loading never unpickles arbitrary objects (see `safe_dcp`).
 """
 
-from stagewise.checkpoint.export import export_safetensors, load_model_state
+from stagewise.checkpoint.export import export_config, export_safetensors, load_model_state
 from stagewise.checkpoint.rng import capture_rng, restore_rng
 from stagewise.checkpoint.store import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 
@@ -21,6 +22,7 @@ __all__ = [
     "load_checkpoint",
     "list_checkpoints",
     "latest_checkpoint",
+    "export_config",
     "export_safetensors",
     "load_model_state",
 ]

@@ -1,5 +1,9 @@
 """Model weights for other tools: `model.safetensors` + `config.json`, and reading weights back.
 
+`config.json` of a stagewise export is `export_config(model_config)`:
+`{"format": "stagewise", "stagewise_model": {...}}`, plus `"hf_config"` for a model imported
+from Hugging Face (the config it came from, which `export-hf` writes back).
+
 Tied weights (an embedding shared with the output head) are stored once. The dropped name
 is recorded in the safetensors header metadata as `{dropped: kept}`, the convention of
 `safetensors.torch.save_model`, so `safetensors.torch.load_model` and `load_model_state`
@@ -8,6 +12,7 @@ restore both names.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -30,10 +35,21 @@ from stagewise.checkpoint.safe_dcp import (
     read_dcp_metadata,
 )
 from stagewise.checkpoint.store import DCP_METADATA_FILE, MODEL_PREFIX
+from stagewise.config.schema import ModelConfig
 from stagewise.errors import CheckpointError
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+EXPORT_FORMAT = "stagewise"  # config.json's "format" in a stagewise export; an HF config.json has none
+
+
+def export_config(model_config: ModelConfig, hf_config: dict | None = None) -> dict:
+    """The config.json of a stagewise export of a model with this architecture; `hf_config`: the
+    Hugging Face config an imported model came from."""
+    config = {"format": EXPORT_FORMAT, "stagewise_model": dataclasses.asdict(model_config)}
+    if hf_config is not None:
+        config["hf_config"] = hf_config
+    return config
 
 
 def _view_key(t: torch.Tensor) -> tuple | None:

@@ -2,7 +2,10 @@
 
 One stagewise Transformer covers every family here; a family is a table of tensor names plus the
 config options it sets (see ModelConfig). Plain data, no transformers import: import and export
-need only torch/safetensors. tests/test_hf_families.py checks every family against transformers.
+need only torch/safetensors. tests/test_hf_families.py checks every family against transformers
+(tests/test_hf_parity.py the Llama mapping in memory, over GQA/MQA, head_dim and tying variants).
+Weights need no reshaping: our RoPE pairs dimension i with i + head_dim/2 (HF's rotate_half), so
+q_proj/k_proj rows are in the same order.
 
   llama        LlamaForCausalLM     (Llama 2/3/3.x, rope scaling none/linear/llama3)
   mistral      MistralForCausalLM   (optional sliding window on every layer)
@@ -14,12 +17,56 @@ need only torch/safetensors. tests/test_hf_families.py checks every family again
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 from stagewise.config.schema import ModelConfig, RopeScalingConfig
 from stagewise.errors import CheckpointError, ConfigError
-from stagewise.interop.hf_llama import LLAMA_NAMES, _rename
 from stagewise.model.llama import is_local_layer, resolved_dims
+
+# (stagewise name, HF name); "{i}" is the layer index. q_norm/k_norm are Qwen3's names and are
+# only present when model.qk_norm is on (Llama itself has no QK-norm).
+LLAMA_NAMES: tuple[tuple[str, str], ...] = (
+    ("tok_embeddings.weight", "model.embed_tokens.weight"),
+    ("layers.{i}.attention_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+    ("layers.{i}.attention.wq.weight", "model.layers.{i}.self_attn.q_proj.weight"),
+    ("layers.{i}.attention.wk.weight", "model.layers.{i}.self_attn.k_proj.weight"),
+    ("layers.{i}.attention.wv.weight", "model.layers.{i}.self_attn.v_proj.weight"),
+    ("layers.{i}.attention.wo.weight", "model.layers.{i}.self_attn.o_proj.weight"),
+    ("layers.{i}.attention.q_norm.weight", "model.layers.{i}.self_attn.q_norm.weight"),
+    ("layers.{i}.attention.k_norm.weight", "model.layers.{i}.self_attn.k_norm.weight"),
+    ("layers.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    ("layers.{i}.feed_forward.w1.weight", "model.layers.{i}.mlp.gate_proj.weight"),
+    ("layers.{i}.feed_forward.w3.weight", "model.layers.{i}.mlp.up_proj.weight"),
+    ("layers.{i}.feed_forward.w2.weight", "model.layers.{i}.mlp.down_proj.weight"),
+    ("norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+)
+# Derived buffers some HF checkpoints carry; they are recomputed from the config.
+HF_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq|model\.rotary_emb\.inv_freq")
+
+
+def _compile(table, src: int):
+    return [(re.compile(re.escape(row[src]).replace(r"\{i\}", r"(?P<i>\d+)") + "$"), row[1 - src])
+            for row in table]
+
+
+def _rename(sd: dict, table, src: int, what: str, family: str) -> dict:
+    rules = _compile(table, src)
+    out = {}
+    for name, tensor in sd.items():
+        for pattern, target in rules:
+            m = pattern.match(name)
+            if m:
+                out[target.replace("{i}", m.groupdict().get("i") or "")] = tensor
+                break
+        else:
+            if src == 1 and HF_IGNORED.fullmatch(name):
+                continue
+            raise CheckpointError(f"{what}: unexpected tensor {name!r}; expected {family} weights "
+                                  f"such as {table[2][src].replace('{i}', '0')!r}")
+    return out
+
 
 QWEN2_NAMES = LLAMA_NAMES + tuple(
     (f"layers.{{i}}.attention.{ours}.bias", f"model.layers.{{i}}.self_attn.{hf}.bias")

@@ -62,7 +62,8 @@ def estimate_memory(cfg: ModelConfig, batch_size: int, seq_len: int, param_bytes
                    view of it) at act_bytes, plus SDPA's fp32 logsumexp per head. RoPE saves no
                    activations (cos/sin need no grad), and the flash kernel saves no T x T scores;
                    with enable_gqa, k and v are saved at n_kv_heads width
-      QK-norm      the RMSNorm terms above at head_dim width for every q and kv head
+      QK-norm      its input (the q/k projections' output, at act_bytes) and the fp32 rstd, at head_dim
+                   width for every q and kv head
       SwiGLU       w1 and w3 outputs, silu(w1 x), and the product fed to w2, at act_bytes
       model        int64 token ids (embedding backward), the final norm and the head's input
       autocast     when act_bytes != param_bytes, a low-precision copy of every matmul weight, kept
@@ -86,7 +87,7 @@ def estimate_memory(cfg: ModelConfig, batch_size: int, seq_len: int, param_bytes
                  + a * (2 * H + 2 * n_kv) * hd + 4 * H   # q, k, v, out; logsumexp
                  + 4 * a * ffn)                          # SwiGLU
     if cfg.qk_norm:
-        per_layer += norm(hd, H + n_kv)
+        per_layer += (H + n_kv) * (a * hd + 4)  # QK-norm input at act_bytes (the q/k projection's output), fp32 rstd
     act = N * (cfg.n_layers * per_layer + norm(d) + a * d + 8)
     if autocast:
         act += a * counts["matmul"]

@@ -164,7 +164,7 @@ def _forgetting_tables(run: RunData) -> str:
                 "— where undefined.</p>"]
     out.append("</div></div>")
     if f.stability_gap:
-        cols = ["stage", "domain", "boundary_step", "boundary_loss", "peak_rise", "peak_step", "recovery_steps"]
+        cols = ["stage", "domain", "boundary_step", "boundary_loss", "peak_rise", "peak_step", "recover_steps"]
         labels = ["stage", "domain", "boundary step", "loss at boundary", "peak rise", "peak step",
                   "recovery (steps)"]
         fmts = {"boundary_loss": ".3f", "peak_rise": "+.3f", "boundary_step": ",", "peak_step": ","}
@@ -174,7 +174,7 @@ def _forgetting_tables(run: RunData) -> str:
             name = f.stages[stage] if isinstance(stage, int) and 0 <= stage < len(f.stages) else stage
             row = [_e(name), _e(g.get("domain", ""))]
             for c in cols[2:]:
-                v = g.get(c, g.get("recover_steps")) if c == "recovery_steps" else g.get(c)
+                v = g.get(c, g.get("recovery_steps")) if c == "recover_steps" else g.get(c)
                 row.append(_num(v, fmts.get(c, "")))
             rows.append(row)
         out += ["<h3>Stability gap</h3>", _table(labels, rows, left=2),

@@ -15,11 +15,10 @@ from pathlib import Path
 import yaml
 
 from stagewise.errors import CheckpointError
+from stagewise.rundir import CONFIG, FORGETTING, METRICS, RUN_INFO, read_metrics
 
-# File names as stagewise/rundir.py writes them (not imported: that module imports torch).
-METRICS, CONFIG, RUN_INFO, FORGETTING = "metrics.jsonl", "config.yaml", "run_info.json", "forgetting.json"
 VAL_PREFIX, BPB_PREFIX, MIX_PREFIX = "val_loss/", "val_bpb/", "mix/"
-REPLAY_KEYS = ("replay_frac", "replay")
+REPLAY_KEYS = ("replay", "replay_frac")  # the trainer writes `replay` (data/mixture.py)
 
 
 @dataclass
@@ -87,7 +86,7 @@ class RunData:
 
     @property
     def replay_key(self) -> str | None:
-        """`replay_frac` (the documented key), or `replay` as the trainer also writes it; None if neither."""
+        """`replay` as the trainer writes it, or `replay_frac`; None if neither."""
         for key in REPLAY_KEYS:
             if any(_finite(r.get(key)) for r in self.records):
                 return key
@@ -106,31 +105,6 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl records sorted by step. A run still writing may leave a torn last line: skipped."""
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-    lines = text.splitlines()
-    records = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            if n == len(lines) and not text.endswith("\n"):
-                break
-            raise CheckpointError(f"{path}:{n}: not a JSON object") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
-            raise CheckpointError(f"{path}:{n}: expected a JSON object with an integer 'step'")
-        records.append(rec)
-    if not records:
-        raise CheckpointError(f"{path}: no steps logged yet")
-    return sorted(records, key=lambda r: r["step"])
 
 
 def _matrix(path: Path, data: dict, key: str, rows: int, cols: int) -> list[list[float | None]]:
@@ -161,7 +135,10 @@ def load_run(run_dir: str | Path) -> RunData:
         raise CheckpointError(f"{run_dir}: no such run directory")
     if not (run_dir / METRICS).is_file():
         raise CheckpointError(f"{run_dir}: not a stagewise run directory (no {METRICS})")
-    run = RunData(run_dir, read_metrics(run_dir / METRICS))
+    records = read_metrics(run_dir / METRICS)
+    if not records:
+        raise CheckpointError(f"{run_dir / METRICS}: no steps logged yet")
+    run = RunData(run_dir, records)
     if (run_dir / CONFIG).is_file():
         try:
             cfg = yaml.safe_load((run_dir / CONFIG).read_text())

@@ -50,7 +50,6 @@ from stagewise.precision.formats.fp8 import (
     FP8Format,
     NoScaling,
     Scaler,
-    dequantize,
     dequantize_fp8,
     fp8_cast_counts,
     fp8_format,
@@ -58,7 +57,7 @@ from stagewise.precision.formats.fp8 import (
     make_scaler,
     quantize_fp8,
 )
-from stagewise.precision.formats.hadamard import fwht, hadamard_block, hadamard_matrix
+from stagewise.precision.formats.hadamard import fwht, hadamard_block
 from stagewise.precision.formats.intq import (
     fake_quant_int4,
     fake_quant_int8,
@@ -68,11 +67,11 @@ from stagewise.precision.formats.intq import (
 from stagewise.precision.formats.swap import swap_linears, unswap
 
 __all__ = [
-    "FP8Format", "E4M3", "E5M2", "fp8_format", "quantize_fp8", "dequantize", "dequantize_fp8", "fp8_cast_counts", "fp8_mm",
+    "FP8Format", "E4M3", "E5M2", "fp8_format", "quantize_fp8", "dequantize_fp8", "fp8_cast_counts", "fp8_mm",
     "Scaler", "CurrentScaling", "DelayedScaling", "NoScaling", "make_scaler", "Float8Linear",
     "round_to_e2m1", "fake_quant_mxfp4", "fake_quant_nvfp4",
     "fake_quant_int8", "fake_quant_int8_per_token", "fake_quant_int4", "fake_quant_ternary",
-    "fwht", "hadamard_block", "hadamard_matrix",
+    "fwht", "hadamard_block",
     "FORMAT_NAMES", "fake_quant", "ste", "quant_grad", "QuantLinear",
     "swap_linears", "unswap",
 ]

@@ -57,9 +57,6 @@ def dequantize_fp8(x_fp8: torch.Tensor, scale, dtype: torch.dtype = torch.float3
     return (x_fp8.float() / _as_scale(scale, x_fp8.device)).to(dtype)
 
 
-dequantize = dequantize_fp8
-
-
 def fp8_cast_counts(x: torch.Tensor, x_fp8: torch.Tensor, scale,
                     fmt: str | FP8Format) -> tuple[torch.Tensor, torch.Tensor]:
     """(saturated, underflowed) element counts of one cast, as 0-d tensors (no host sync).

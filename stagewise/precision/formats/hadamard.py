@@ -38,8 +38,3 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
         y = torch.stack((a + c, a - c), dim=-2).reshape(-1, n // b, b)
         h *= 2
     return (y / math.sqrt(b)).reshape(*lead, n).to(x.dtype)
-
-
-def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The n x n matrix fwht multiplies by (for tests and for folding a rotation into weights)."""
-    return fwht(torch.eye(n, dtype=dtype))
