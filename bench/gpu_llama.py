@@ -78,7 +78,7 @@ def main() -> None:
 
     def step():
         return train_step(model, opt, precision, causal_lm_loss, batch, lr=1e-4, grad_clip=1.0,
-                          targets_per_step=n_targets)
+                          normaliser=n_targets)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()

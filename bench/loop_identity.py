@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from stagewise import rundir
+
 ROOT = Path(__file__).resolve().parent.parent
 
 TWO_STAGE = """
@@ -55,7 +57,7 @@ def run(recipe: Path, out_dir: Path, extra_env: dict, overrides: list[str]) -> l
            *overrides]
     subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)  # the kill hook exits with -9
     (run_dir,) = [p for p in out_dir.iterdir() if p.is_dir()]
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = rundir.read_metrics(run_dir / rundir.METRICS)
     return [{k: r[k] for k in KEYS if k in r} for r in rows]
 
 

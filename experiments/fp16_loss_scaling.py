@@ -63,7 +63,7 @@ def per_layer_underflow(run_dir, scales) -> list[list]:
     x, y = eval_batches(open_dataset(info["dataset"]).train, 128, 16, 1)[0]
     model.train()
     out = causal_lm_loss(model, Batch(x, y))
-    (out.loss_sum / out.num_targets).backward()
+    (out.loss_sum / out.normaliser).backward()
     rows, tiny = [], torch.finfo(torch.float16).tiny
     for name, p in model.named_parameters():
         if p.ndim < 2 or p.grad is None:

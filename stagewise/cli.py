@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--temperature", type=float, default=0.8,
                     help="softmax temperature; 0 gives greedy decoding (default 0.8)")
     sm.add_argument("--greedy", action="store_true", help="greedy decoding (same as --temperature 0)")
+    sm.add_argument("--chat", action="store_true", help="send the prompt as a user turn through the model's chat "
+                    "template and print only the assistant's reply, stopping at the template's end-of-turn token")
     sm.add_argument("--top-k", type=int, default=50, help="sample only among the k most likely tokens; 0 = off")
     sm.add_argument("--top-p", type=float, default=1.0,
                     help="nucleus sampling: smallest token set with this total probability (default 1.0 = off)")

@@ -26,18 +26,16 @@ def cmd_run(args, extra) -> int:
     from stagewise.config.loader import load_recipe
 
     cfg = load_recipe(args.recipe, _overrides(extra))
-    from stagewise.train.stages import train_stages  # after validation: a bad recipe fails fast
-    from stagewise.train.trainer import train
+    from stagewise.train.runner import start  # after validation: a bad recipe fails fast
 
-    (train_stages if cfg.stages else train)(cfg, log=_log)
+    start(cfg, log=_log)
     return 0
 
 
 def cmd_resume(args, extra) -> int:
-    from stagewise.train.stages import is_staged, resume_stages
-    from stagewise.train.trainer import resume
+    from stagewise.train.runner import resume
 
-    (resume_stages if is_staged(args.run_dir) else resume)(args.run_dir, log=_log)
+    resume(args.run_dir, log=_log)
     return 0
 
 
@@ -50,7 +48,7 @@ def cmd_plan(args, extra) -> int:
 
 
 def _device(name: str):
-    from stagewise.train.trainer import pick_device
+    from stagewise.train.runner import pick_device
 
     return pick_device(name)
 
@@ -71,13 +69,17 @@ def cmd_sample(args, extra) -> int:
     model, tok, _ = load_model(args.ckpt, device)
     temperature = 0.0 if args.greedy else args.temperature
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    prompt_ids = tok.encode_prompt(args.prompt)  # with BOS where the model's tokenizer adds one (Gemma)
+    from stagewise.train.runner import prompt_and_stop
+
+    # --chat: the prompt is a user turn of the model's chat template; otherwise a document's start
+    # (with BOS where the model's tokenizer adds one, as Gemma's does)
+    prompt_ids, stop = prompt_and_stop(tok, args.prompt, args.chat)
     for i in range(args.num_samples):
         ids = generate(model, prompt_ids, args.max_new_tokens, temperature=temperature, top_k=args.top_k,
-                       top_p=args.top_p, eos_id=tok.stop_ids, generator=gen)
+                       top_p=args.top_p, eos_id=stop, generator=gen)
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
-        print(args.prompt + tok.decode(ids), flush=True)
+        print(tok.decode(ids) if args.chat else args.prompt + tok.decode(ids), flush=True)
     return 0
 
 
@@ -151,7 +153,7 @@ def cmd_eval(args, extra) -> int:
 
 
 def cmd_export(args, extra) -> int:
-    from stagewise.checkpoint import export_safetensors
+    from stagewise.checkpoint import export_config, export_safetensors
     from stagewise.rundir import load_model, resolve_model_source, tokenizer_files
 
     import torch
@@ -161,8 +163,7 @@ def cmd_export(args, extra) -> int:
         raise ConfigError(f"{out}: already exists; choose a new output directory")
     _, _, meta_dir = resolve_model_source(args.ckpt)
     model, _, mcfg = load_model(args.ckpt, torch.device("cpu"))
-    export_safetensors(model, {"format": "stagewise", "stagewise_model": dataclasses.asdict(mcfg)}, out,
-                       extra_files=tokenizer_files(meta_dir))
+    export_safetensors(model, export_config(mcfg), out, extra_files=tokenizer_files(meta_dir))
     print(f"exported {out}")
     return 0
 

@@ -36,7 +36,7 @@ def plan_model(cfg):
     the init_from it is read from or None)."""
     from stagewise import rundir
     from stagewise.data import Tokenizer
-    from stagewise.train.trainer import resolve_model_config
+    from stagewise.train.runner import resolve_model_config
 
     init = cfg.init_from or (cfg.stages[0].init_from if cfg.stages else None)
     if not init:
@@ -76,7 +76,7 @@ def print_peak(cfg, measure: bool) -> None:
     if _on_cuda(cfg) and not torch.cuda.is_available():
         print("  device is CUDA, not available here: the peak is measured where training runs")
         return
-    from stagewise.train.trainer import pick_device
+    from stagewise.train.runner import pick_device
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)  # the peak is kept per thread count, as training sets it
@@ -150,6 +150,7 @@ def print_plan(cfg, measure_peak: bool = False) -> None:
     else:
         print(f"\n# model (vocab {mcfg.vocab_size}: {vocab_from} {vocab}, padded to a multiple of {mcfg.pad_vocab_to})")
     _print_sizes(cfg, mcfg)
+    _print_sft(cfg, init)
     print(f"\n# bytes per parameter ({cfg.precision.mode})")
     per_param = prec.param_bytes + prec.grad_bytes + prec.master_bytes + optim_bytes
     print(f"  weights {prec.param_bytes}, gradients {prec.grad_bytes}, separate master copy {prec.master_bytes}, "
@@ -159,6 +160,40 @@ def print_plan(cfg, measure_peak: bool = False) -> None:
               "copy of the matmul weights each forward, counted with the activations)")
     print_memory(cfg, mem)
     print_peak(cfg, measure_peak)
+
+
+def _print_sft(cfg, init) -> None:
+    """Examples and padding waste of each sft stage: the share of a step's tokens that are padding
+    (epoch 0's layout), packed and padded, so the cost of `sft.packing: false` is visible."""
+    from stagewise import rundir
+    from stagewise.data import Tokenizer
+    from stagewise.data.packing import PackedSource, PaddedSource
+    from stagewise.data.sft_data import load_sft_data
+    from stagewise.train import stages as plan
+
+    kinds = [plan.stage_kind(cfg, i) for i in range(plan.n_stages(cfg))]
+    if "sft" not in kinds:
+        return
+    tok_file = cfg.data.tokenizer.path or (str(Path(rundir.load_init_config(init)[1]) / rundir.TOKENIZER) if init
+                                           else None)
+    print("\n# sft data (padding waste: share of a step's tokens that are padding)")
+    if tok_file is None:
+        print("  known once the tokenizer exists (it is trained on stage 0's data when the run starts)")
+        return
+    tok = Tokenizer.load(tok_file)
+    B, T = cfg.train.batch_size, cfg.data.seq_len
+    for i, kind in enumerate(kinds):
+        if kind != "sft":
+            continue
+        sft = cfg.stages[i].sft if cfg.stages else cfg.sft
+        data = load_sft_data(sft, tok, T, f"stages[{i}].sft" if cfg.stages else "sft", log=lambda m: None)
+        waste = {name: src(data.train, T, B, cfg.seed, tok.eos_id).padding_fraction()
+                 for name, src in (("packed", PackedSource), ("padded", PaddedSource))}
+        st = data.stats["train"]
+        chosen = "packed" if sft.packing else "padded"
+        print(f"  {plan.stage_name(cfg, i)}: {len(data.train)} train / {len(data.val)} val examples "
+              f"(truncated {st['truncated']}, dropped {st['dropped']}); padding waste packed "
+              f"{waste['packed']:.1%}, padded {waste['padded']:.1%} (this recipe: {chosen})")
 
 
 def _print_sizes(cfg, mcfg) -> None:

@@ -109,8 +109,8 @@ def test_training_logs_bits_per_byte_beside_the_loss(tmp_path, corpus_dir, data_
     from conftest import tiny_recipe
     from stagewise.config.loader import load_recipe
     from stagewise.data import eval_batches, open_dataset
-    from stagewise.train.metrics import read_metrics
-    from stagewise.train.trainer import train
+    from stagewise.rundir import read_metrics
+    from stagewise.train.runner import start as train
 
     cfg = load_recipe(tiny_recipe(tmp_path / "r.yaml", corpus_dir, data_cache, tmp_path / "runs"),
                       ["--train.steps=10", "--checkpoint.every=0"])

@@ -97,7 +97,7 @@ def test_choice_follows_the_cpu_and_the_override(monkeypatch):
 def test_bf16_training_follows_the_native_kernels(tmp_path, corpus_dir, data_cache):
     """20 bf16-mixed steps, emulated vs torch's native bf16 kernels: the same run to bf16 noise."""
     from conftest import run_cli, tiny_recipe
-    from stagewise.train.metrics import read_metrics
+    from stagewise.rundir import read_metrics
 
     recipe = tiny_recipe(tmp_path / "tiny.yaml", corpus_dir, data_cache, tmp_path / "runs")
     losses = {}

@@ -529,9 +529,9 @@ def test_sampler_epoch_covers_every_target_once():
         check_batch(x, y, L, B)
         ys.append(y.flatten())
     assert torch.equal(torch.cat(ys).sort().values, torch.arange(1, n_windows * L + 1))
-    assert s.state_dict() == {"epoch": 0, "index": s.batches_per_epoch}
+    assert s.state_dict() == {"epoch": 0, "cursor": s.batches_per_epoch * B}  # windows drawn this epoch
     x, _ = s.next_batch()  # rolls over into a new permutation
-    assert s.state_dict() == {"epoch": 1, "index": 1}
+    assert s.state_dict() == {"epoch": 1, "cursor": B}
     first_epoch1 = windows_of(x, L)
     s2 = SequenceSampler(tokens, L, B, seed=3)
     assert windows_of(s2.next_batch()[0], L) != first_epoch1  # epochs are shuffled differently
@@ -555,7 +555,26 @@ def test_sampler_deterministic_and_resumable():
     other = SequenceSampler(tokens, 16, 3, seed=8)
     assert not torch.equal(other.next_batch()[0], SequenceSampler(tokens, 16, 3, seed=7).next_batch()[0])
     with pytest.raises(DataError):
-        resumed.load_state_dict({"epoch": -1, "index": 0})
+        resumed.load_state_dict({"epoch": -1, "cursor": 0})
+    with pytest.raises(DataError, match="not a whole number of batches"):
+        resumed.load_state_dict({"epoch": 0, "cursor": 4})  # batches of 3
+
+
+def test_sampler_cursor_is_global_across_world_sizes():
+    """The cursor counts windows drawn by all ranks: two ranks of batch 2 after 3 steps have drawn the
+    same windows as one rank of batch 4 after 3 steps, and a checkpoint of one loads into the other."""
+    tokens = np.arange(2000, dtype=np.uint32)
+    ranks = [SequenceSampler(tokens, 8, 2, seed=5, rank=r, world_size=2) for r in range(2)]
+    for _ in range(3):
+        for s in ranks:
+            s.next_batch()
+    assert ranks[0].state_dict() == {"epoch": 0, "cursor": 12}
+    single = SequenceSampler(tokens, 8, 4, seed=5)
+    single.load_state_dict(ranks[0].state_dict())
+    assert single.index == 3
+    # the old per-rank form still loads (checkpoints written before the cursor)
+    single.load_state_dict({"epoch": 1, "index": 2})
+    assert single.state_dict() == {"epoch": 1, "cursor": 8}
 
 
 def test_sampler_ranks_are_disjoint():

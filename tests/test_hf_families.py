@@ -135,16 +135,14 @@ def test_import_export_parity(case, tmp_path, tokenizer_files):
 
 def test_export_of_a_model_trained_from_scratch(tmp_path, tokenizer_files):
     """A stagewise-native model (no HF origin) exports as Llama and loads in transformers."""
-    import dataclasses
-
-    from stagewise.checkpoint import export_safetensors
+    from stagewise.checkpoint import export_config, export_safetensors
     from stagewise.config.schema import ModelConfig
     from stagewise.model import Transformer
 
     cfg = ModelConfig(vocab_size=V, d_model=64, n_layers=2, n_heads=4, n_kv_heads=1, max_seq_len=64)
     torch.manual_seed(3)
     model = Transformer(cfg).eval()
-    export_safetensors(model, {"format": "stagewise", "stagewise_model": dataclasses.asdict(cfg)}, tmp_path / "sw",
+    export_safetensors(model, export_config(cfg), tmp_path / "sw",
                        extra_files={"tokenizer.json": tokenizer_files / "tokenizer.json"})
     assert main(["export-hf", str(tmp_path / "sw"), str(tmp_path / "hf")]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
@@ -240,7 +238,7 @@ def test_recipe_init_from_an_hf_directory(tmp_path, tokenizer_files, corpus_dir,
     from conftest import tiny_recipe
 
     from stagewise.config.loader import load_recipe
-    from stagewise.train.trainer import train
+    from stagewise.train.runner import start as train
 
     hf = build_hf("qwen3-qknorm-hd24", tmp_path / "hf", tokenizer_files)
     recipe = tiny_recipe(tmp_path / "r.yaml", corpus_dir, data_cache, tmp_path / "runs")

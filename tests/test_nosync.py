@@ -18,8 +18,8 @@ from stagewise.model import Transformer
 from stagewise.objectives import OBJECTIVES, Batch
 from stagewise.optim import build_optimizer
 from stagewise.precision import TF32, build_precision
-from stagewise.train.step import StepResult, to_device, train_step
-from stagewise.train.trainer import pick_device
+from stagewise.train.step import StepResult, train_step
+from stagewise.train.runner import pick_device
 
 CPU = torch.device("cpu")
 T = torch.Tensor
@@ -119,7 +119,7 @@ def test_train_step_does_not_sync(mode, monkeypatch):
     for i in range(2):  # the second step runs with AdamW state present
         with SyncDetector() as d:
             r = train_step(model, opt, prec, OBJECTIVES["causal-lm"], _batches(2, seed=i), 1e-2, 1.0,
-                           targets_per_step=128)
+                           normaliser=128)
         assert d.sites() == EXPECTED[mode], d.calls
     assert isinstance(r.loss, torch.Tensor) and r.loss.dim() == 0
     host = r.host()
@@ -129,7 +129,7 @@ def test_train_step_does_not_sync(mode, monkeypatch):
 def test_foreach_adamw_falls_back_to_a_synchronous_skip():
     model, prec, opt = _tiny("fp32", implementation="foreach")
     with SyncDetector() as d:
-        train_step(model, opt, prec, OBJECTIVES["causal-lm"], _batches(1), 1e-2, 1.0, targets_per_step=64)
+        train_step(model, opt, prec, OBJECTIVES["causal-lm"], _batches(1), 1e-2, 1.0, normaliser=64)
     assert d.sites() == {"precision/base.py:_apply"}
 
 
@@ -158,14 +158,14 @@ def test_nonfinite_step_is_skipped_without_a_sync(mode):
     model, prec, opt = _tiny(mode)
     on = {"on": False}
     _poison(model, on)
-    train_step(model, opt, prec, OBJECTIVES["causal-lm"], _batches(1), 1e-2, 1.0, targets_per_step=64)
+    train_step(model, opt, prec, OBJECTIVES["causal-lm"], _batches(1), 1e-2, 1.0, normaliser=64)
     on["on"] = True
     before = {k: v.clone() for k, v in model.state_dict().items()}
     steps = [opt.state[p]["step"].clone() for p in opt.state]
     moments = [opt.state[p]["exp_avg"].clone() for p in opt.state]
     with SyncDetector() as d:
         r = train_step(model, opt, prec, OBJECTIVES["causal-lm"], _batches(1, seed=1), 1e-2, 1.0,
-                       targets_per_step=64)
+                       normaliser=64)
     assert d.sites() == set()
     assert opt.state and not r.host().applied and prec.skipped == 1
     for k, v in model.state_dict().items():
@@ -211,14 +211,14 @@ def test_bf16_pure_still_skips_exactly_that_step():
 def test_to_device_on_cpu_does_not_pin(monkeypatch):
     x = torch.arange(6).view(2, 3)
     monkeypatch.setattr(T, "pin_memory", lambda self: pytest.fail("pinned for a CPU device"))
-    b = to_device(Batch(x, x + 1), CPU)
+    b = Batch(x, x + 1).to(CPU)
     assert b.inputs is x and torch.equal(b.targets, x + 1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_to_device_on_cuda_pins_and_copies_asynchronously():
     x = torch.arange(6).view(2, 3)
-    b = to_device(Batch(x, x + 1), torch.device("cuda"))
+    b = Batch(x, x + 1).to(torch.device("cuda"))
     assert b.inputs.is_cuda and torch.equal(b.targets.cpu(), x + 1)
     assert not x.is_pinned()  # the pinned staging copy is the helper's, the sampler's tensor is untouched
 

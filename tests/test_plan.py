@@ -19,8 +19,8 @@ import torch
 from conftest import run_cli, tiny_recipe
 from stagewise.cli import main
 from stagewise.data import train_bpe
+from stagewise.rundir import read_metrics
 from stagewise.train import metrics as M
-from stagewise.train.metrics import read_metrics
 
 transformers = pytest.importorskip("transformers")
 

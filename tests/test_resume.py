@@ -13,7 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import run_cli, tiny_recipe
-from stagewise.train.metrics import read_metrics
+from stagewise.rundir import read_metrics
 
 
 @pytest.fixture(scope="module")

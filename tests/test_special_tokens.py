@@ -272,7 +272,7 @@ def test_import_hf_and_init_from_carry_gemma_special_tokens(tmp_path, corpus_dir
     from stagewise.config.loader import load_recipe
     from stagewise.interop.hf_io import import_hf
     from stagewise.rundir import load_model
-    from stagewise.train.trainer import train
+    from stagewise.train.runner import start as train
 
     gemma_model_dir(tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "sw", log=lambda m: None)

@@ -22,8 +22,6 @@ import yaml
 from stagewise.config.schema import RunConfig
 from stagewise.errors import ConfigError
 
-_MISSING = object()
-
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML recipe, apply CLI overrides, validate, and return a RunConfig."""
@@ -135,7 +133,7 @@ def _inherit_stage_sections(data: dict) -> dict:
     for stage in stages:
         if isinstance(stage, dict):
             stage = dict(stage)
-            for key in ("schedule", "optim"):
+            for key in ("schedule", "optim", "sft"):
                 top, own = data.get(key) or {}, stage.get(key) or {}
                 if isinstance(top, dict) and isinstance(own, dict):
                     stage[key] = {**top, **own}
@@ -236,6 +234,8 @@ def check_consistency(cfg: RunConfig) -> None:
         raise ConfigError(f"data.seq_len: expected <= model.max_seq_len={m.max_seq_len}, got {cfg.data.seq_len}")
     if cfg.stages:
         _check_stages(cfg)
+    elif cfg.kind == "sft":
+        _check_sft(cfg.sft, "sft", cfg.init_from or cfg.data.tokenizer.path, "init_from")
     elif not cfg.data.sources and not cfg.data.prepared:
         raise ConfigError("data.sources: expected at least one source (or set data.prepared to a prepared dataset)")
     for i, src in enumerate(cfg.data.sources):
@@ -255,6 +255,44 @@ def check_consistency(cfg: RunConfig) -> None:
     _check_precision(cfg)
 
 
+def _check_sft(sft, where: str, has_tokenizer, init_key: str) -> None:
+    if not sft.data:
+        raise ConfigError(f"{where}.data: expected at least one conversation source")
+    if not has_tokenizer:
+        raise ConfigError(f"{init_key}: an sft run needs a model to start from (or data.tokenizer.path for its "
+                          "tokenizer and chat template)")
+    for j, src in enumerate(sft.data):
+        if src.kind in ("jsonl", "parquet", "hf-dataset") and not src.path:
+            raise ConfigError(f"{where}.data[{j}].path: required for kind {src.kind}")
+    a = sft.arithmetic
+    if any(op not in ("add", "mul") for op in a.ops) or not a.ops:
+        raise ConfigError(f"{where}.arithmetic.ops: expected a non-empty list of add, mul; got {a.ops}")
+    if a.min_digits > a.max_digits:
+        raise ConfigError(f"{where}.arithmetic.min_digits: expected <= max_digits={a.max_digits}, got {a.min_digits}")
+
+
+def _check_mixture(cfg: RunConfig, i: int, st, where: str, domains: dict) -> None:
+    if not st.mixture or not any(d.weight > 0 for d in st.mixture):
+        raise ConfigError(f"{where}.mixture: expected at least one domain with weight > 0")
+    if i == 0 and st.replay > 0:
+        raise ConfigError(f"{where}.replay: expected 0 (the first stage has no earlier data), got {st.replay:g}")
+    for j, d in enumerate(st.mixture):
+        dw = f"{where}.mixture[{j}]"
+        if not re.fullmatch(r"[\w.\-]+", d.name):
+            raise ConfigError(f"{dw}.name: expected letters, digits, '.', '_' or '-', got {_show(d.name)}")
+        if d.source.kind in ("text", "jsonl", "parquet") and not d.source.path:
+            raise ConfigError(f"{dw}.source.path: required for kind {d.source.kind}")
+        if domains.setdefault(d.name, d.source) != d.source:
+            raise ConfigError(f"{dw}.source: domain {d.name!r} already has another source in an earlier "
+                              "stage (one name, one source)")
+    if len({d.name for d in st.mixture}) != len(st.mixture):
+        raise ConfigError(f"{where}.mixture: domain names must be unique within a stage")
+    trained_before = {d.name for s in cfg.stages[:i] for d in s.mixture if d.weight > 0}
+    if st.replay > 0 and not trained_before - {d.name for d in st.mixture}:
+        raise ConfigError(f"{where}.replay: no earlier domain outside this stage's mixture to replay; "
+                          f"expected 0, got {st.replay:g}")
+
+
 def _check_stages(cfg: RunConfig) -> None:
     if cfg.data.sources or cfg.data.prepared:
         raise ConfigError("data.sources: expected none with stages (each stage lists its mixture), "
@@ -272,25 +310,13 @@ def _check_stages(cfg: RunConfig) -> None:
         names.add(st.name)
         if (st.steps is None) == (st.tokens is None):
             raise ConfigError(f"{where}: expected exactly one of steps or tokens")
-        if not st.mixture or not any(d.weight > 0 for d in st.mixture):
-            raise ConfigError(f"{where}.mixture: expected at least one domain with weight > 0")
-        if i == 0 and st.replay > 0:
-            raise ConfigError(f"{where}.replay: expected 0 (the first stage has no earlier data), got {st.replay:g}")
-        for j, d in enumerate(st.mixture):
-            dw = f"{where}.mixture[{j}]"
-            if not re.fullmatch(r"[\w.\-]+", d.name):
-                raise ConfigError(f"{dw}.name: expected letters, digits, '.', '_' or '-', got {_show(d.name)}")
-            if d.source.kind in ("text", "jsonl", "parquet") and not d.source.path:
-                raise ConfigError(f"{dw}.source.path: required for kind {d.source.kind}")
-            if domains.setdefault(d.name, d.source) != d.source:
-                raise ConfigError(f"{dw}.source: domain {d.name!r} already has another source in an earlier "
-                                  "stage (one name, one source)")
-        if len({d.name for d in st.mixture}) != len(st.mixture):
-            raise ConfigError(f"{where}.mixture: domain names must be unique within a stage")
-        trained_before = {d.name for s in cfg.stages[:i] for d in s.mixture if d.weight > 0}
-        if st.replay > 0 and not trained_before - {d.name for d in st.mixture}:
-            raise ConfigError(f"{where}.replay: no earlier domain outside this stage's mixture to replay; "
-                              f"expected 0, got {st.replay:g}")
+        if st.kind == "sft":
+            if st.mixture:
+                raise ConfigError(f"{where}.mixture: an sft stage trains on its sft.data, not a mixture")
+            _check_sft(st.sft, f"{where}.sft", i > 0 or st.init_from or cfg.data.tokenizer.path,
+                       f"{where}.init_from")
+        else:
+            _check_mixture(cfg, i, st, where, domains)
         sch = st.schedule
         steps = st.steps or -(-st.tokens // (cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len))
         if sch.warmup_steps > steps:

@@ -144,8 +144,9 @@ class TrainConfig:
     grad_clip: float = opt(1.0, "Clip the global gradient norm to this value; 0 disables clipping.", ge=0)
     objective: str = opt("causal-lm", "Training objective.", choices=["causal-lm"])
     compile: bool = opt(False, "torch.compile each transformer block (inductor, regional compilation): "
-                        "~1.4x tokens/s and less memory on the CPU benchmark (bench/README.md) for a one-off "
-                        "compile of seconds to a minute; losses match eager within 1e-3 over 50 steps.")
+                        "1.09-1.17x tokens/s and 12-29% less peak memory on the CPU benchmark models, +2% at "
+                        "the quickstart's size (bench/README.md), for a one-off compile of seconds to a minute; "
+                        "losses match eager within 5e-3 over 50 steps (tests/test_cli.py).")
 
 
 @dataclass
@@ -240,6 +241,8 @@ class SampleConfig:
     temperature: float = opt(0.8, "Sampling temperature; 0 means greedy.", ge=0)
     top_k: int = opt(50, "Keep only the k most likely tokens; 0 disables.", ge=0)
     top_p: float = opt(1.0, "Nucleus sampling: keep the smallest set with this much probability.", gt=0, le=1)
+    chat: Optional[bool] = opt(None, "Render each prompt as a user turn with the tokenizer's chat template and stop "
+                               "at its end-of-turn tokens; null: when the last stage is sft.")
 
 
 @dataclass
@@ -251,9 +254,70 @@ class DomainConfig:
                                "as its own dataset with the run's one tokenizer).")
 
 
+STAGE_KINDS = ["lm", "sft"]
+CHAT_FORMATS = ["messages", "prompt-completion", "alpaca", "sharegpt"]
+
+
+@dataclass
+class ChatSourceConfig:
+    kind: str = opt("jsonl", "Where conversations come from: JSONL or Parquet files, a local Hugging Face datasets "
+                    "directory (save_to_disk), or a built-in set: python-docstrings (CPython stdlib functions: "
+                    "signature and docstring -> body) or arithmetic (the sft.arithmetic section).",
+                    choices=["jsonl", "parquet", "hf-dataset", "python-docstrings", "arithmetic"])
+    path: Optional[str] = opt(None, "File or directory (jsonl, parquet, hf-dataset).")
+    glob: Optional[str] = opt(None, "Filename pattern inside a directory; null takes every file of the kind.")
+    format: Optional[str] = opt(None, "Row format; null detects it from the first row's keys (docs/sft_data.md).",
+                                choices=CHAT_FORMATS)
+    split: Optional[str] = opt(None, "hf-dataset only: the split of a DatasetDict (default train).")
+
+
+@dataclass
+class ArithmeticConfig:
+    ops: list[str] = opt(["add"], "Operations: add, mul.")
+    min_digits: int = opt(1, "Fewest digits of an operand.", gt=0)
+    max_digits: int = opt(3, "Most digits of an operand.", gt=0)
+    format: str = opt("plain", "Answer format (Lee et al. 2023, Teaching Arithmetic to Small Transformers): plain "
+                      "digits, reversed digits, or a scratchpad of digit-wise steps ending in 'answer: N'.",
+                      choices=["plain", "reversed", "scratchpad"])
+    train_count: int = opt(10000, "Training problems.", gt=0)
+    val_count: int = opt(200, "Validation problems (disjoint from training: held out by a hash of the operands).",
+                         gt=0)
+    seed: int = opt(0, "Seed of the generator.", ge=0)
+
+
+@dataclass
+class SFTConfig:
+    data: list[ChatSourceConfig] = opt([], "Conversation sources (all used, in order).")
+    val_fraction: float = opt(0.05, "File sources: fraction of rows held out for validation (by a hash of the "
+                              "row); built-in sets have their own split.", gt=0, lt=1)
+    train_on: str = opt("assistant", "Tokens that take a loss: assistant (every assistant turn, with its "
+                        "end-of-turn token), last (only the final assistant turn; prompt/completion rows always "
+                        "train only the completion), or all (every token of the rendered conversation).",
+                        choices=["assistant", "last", "all"])
+    loss: str = opt("ce", "ce: cross-entropy; dft: each token's loss weighted by its detached probability "
+                    "(Dynamic Fine-Tuning, Wu et al. 2025); asft: dft plus asft_kl_weight * KL(initial model || "
+                    "model) per token (Anchored SFT, Zhu et al. 2025; keeps a frozen copy of the initial model).",
+                    choices=["ce", "dft", "asft"])
+    asft_kl_weight: float = opt(0.1, "asft: weight of the KL anchor.", ge=0)
+    packing: bool = opt(True, "Pack examples into data.seq_len rows by best-fit-decreasing, attention kept inside "
+                        "each example and positions restarting per example; false: one example per row, padded "
+                        "to the longest of a batch of similar lengths.")
+    truncation: str = opt("truncate", "An example longer than data.seq_len + 1 tokens: truncate it, drop it, or "
+                          "stop with an error naming its row.", choices=["truncate", "drop", "error"])
+    arithmetic: ArithmeticConfig = opt(ArithmeticConfig, "The built-in arithmetic set.")
+    docstrings_max_body_chars: int = opt(4000, "python-docstrings: skip functions whose body is longer.", gt=0)
+    eval_generate: int = opt(64, "Verifiable data (arithmetic): validation problems answered by greedy generation "
+                             "at every evaluation, reported as exact_match; 0 disables.", ge=0)
+    eval_max_new_tokens: int = opt(64, "Tokens generated per exact-match problem at most.", gt=0)
+
+
+
+
 @dataclass
 class StageConfig:
     name: str = opt("", "Stage name (forgetting.json, logs, RUN_DIR/stages/<name>/).")
+    kind: str = opt("lm", "What the stage trains: lm (next-token prediction on its mixture) or sft (supervised "
+                    "fine-tuning on chat data, the stage's sft section; docs/sft.md).", choices=STAGE_KINDS)
     steps: Optional[int] = opt(None, "Optimizer steps of this stage (set steps or tokens).", gt=0)
     tokens: Optional[int] = opt(None, "Token budget of this stage, rounded up to whole steps (set steps or tokens).",
                                 gt=0)
@@ -271,6 +335,8 @@ class StageConfig:
                                choices=["keep", "reset"])
     init_from: Optional[str] = opt(None, "Start the stage from the weights of this stagewise run, checkpoint or "
                                    "exported model instead of the previous stage's final checkpoint.")
+    sft: SFTConfig = opt(SFTConfig, "kind sft: the stage's data and loss; keys not given take the recipe's sft "
+                         "section.")
 
 
 @dataclass
@@ -281,6 +347,9 @@ class RunConfig:
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N; under torchrun, auto and "
                       "cuda mean cuda:LOCAL_RANK.")
     threads: int = opt(0, "torch intra-op threads; 0 keeps torch's default. Bitwise resume needs the same count.", ge=0)
+    kind: str = opt("lm", "What the run trains: lm (pre-training on data.sources) or sft (supervised fine-tuning "
+                    "on chat data, the sft section; docs/sft.md). A recipe with stages sets it per stage.",
+                    choices=STAGE_KINDS)
     init_from: Optional[str] = opt(
         None, "Start from these weights: a stagewise run, checkpoint or model directory, or a Hugging Face model "
         "directory (Llama, Mistral, Qwen2, Qwen3, Gemma 3). The architecture and tokenizer come from it (the "
@@ -295,6 +364,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = opt(CheckpointConfig, "Checkpointing.")
     log: LogConfig = opt(LogConfig, "Progress display.")
     sample: SampleConfig = opt(SampleConfig, "Samples printed at the end of training.")
+    sft: SFTConfig = opt(SFTConfig, "Supervised fine-tuning (kind sft; docs/sft.md).")
     stages: list[StageConfig] = opt(
         [], "Continual pre-training (docs/continual.md): stages run in order, each from the previous one's final "
         "checkpoint; train.steps, data.sources and schedule/optim then come from the stages.")

@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import torch
 
+from stagewise.data.batch import Batch
 from stagewise.data.sampler import SequenceSampler
 from stagewise.errors import DataError
 
 
 class MixtureSampler:
     def __init__(self, samplers: dict[str, SequenceSampler], probs: dict[str, float], batch_size: int,
-                 stage: int = 0):
+                 stage: int = 0, replayed: tuple[str, ...] = ()):
         assert set(probs) <= set(samplers) and abs(sum(probs.values()) - 1.0) < 1e-9, probs
-        self.samplers, self.batch_size, self.stage = samplers, batch_size, stage
+        self.samplers, self.batch_size, self.stage, self.replayed = samplers, batch_size, stage, replayed
         self.names = [n for n in samplers if probs.get(n, 0.0) > 0]
         self.probs = {n: probs[n] for n in self.names}
         self.credit = {n: 0.0 for n in self.names}
@@ -48,6 +49,17 @@ class MixtureSampler:
             xs.append(x)
             ys.append(y)
         return torch.cat(xs), torch.cat(ys)
+
+    def next(self) -> Batch:
+        return Batch(*self.next_batch())
+
+    def metrics(self) -> dict:
+        """mix/<domain>: realised share of each domain; replay: the share of the replayed domains."""
+        shares = self.fractions()
+        out = {f"mix/{n}": v for n, v in shares.items()}
+        if self.replayed:
+            out["replay"] = sum(shares[n] for n in self.replayed)
+        return out
 
     def fractions(self) -> dict[str, float]:
         """Realised share of each domain among the sequences drawn so far in this stage."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from stagewise.data.batch import Batch
 from stagewise.errors import DataError
 
 
@@ -68,17 +69,31 @@ class SequenceSampler:
         self.index += 1
         return _gather(self.tokens, self.seq_len, ids)
 
+    def next(self) -> Batch:
+        return Batch(*self.next_batch())
+
+    def metrics(self) -> dict:
+        return {}
+
     def state_dict(self) -> dict:
-        return {"epoch": int(self.epoch), "index": int(self.index)}
+        """The position as a global cursor: windows of this epoch drawn by all ranks together, which
+        stays meaningful when a resume changes the world size."""
+        return {"epoch": int(self.epoch), "cursor": int(self.index) * self.batch_size * self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
         try:
-            epoch, index = state["epoch"], state["index"]
+            epoch = state["epoch"]
+            # "index" (batches of one rank) is the form checkpoints had before the global cursor
+            cursor = state["cursor"] if "cursor" in state else state["index"] * self.batch_size
         except (KeyError, TypeError):
-            raise DataError(f"sampler state {state!r} lacks 'epoch' and 'index'") from None
-        if not (isinstance(epoch, int) and isinstance(index, int) and epoch >= 0 and index >= 0):
-            raise DataError(f"sampler state {state!r}: epoch and index must be non-negative integers")
-        self.epoch, self.index = epoch, index
+            raise DataError(f"sampler state {state!r} lacks 'epoch' and 'cursor'") from None
+        if not (isinstance(epoch, int) and isinstance(cursor, int) and epoch >= 0 and cursor >= 0):
+            raise DataError(f"sampler state {state!r}: epoch and cursor must be non-negative integers")
+        per_step = self.batch_size * self.world_size
+        if cursor % per_step:
+            raise DataError(f"sampler state {state!r}: cursor {cursor} is not a whole number of batches of "
+                            f"{self.batch_size} x {self.world_size} ranks; resume with the batch size it was saved with")
+        self.epoch, self.index = epoch, cursor // per_step
 
 
 def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, n_batches: int) -> list[tuple]:

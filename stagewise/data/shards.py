@@ -33,7 +33,7 @@ import numpy as np
 from stagewise.config.schema import DataConfig
 from stagewise.data.sources import describe, fingerprint, iter_documents
 from stagewise.data.special_tokens import SPECIALS_FILE
-from stagewise.data.tokenizer import Tokenizer, train_bpe
+from stagewise.data.tokenizer import TRAINED_SPECIALS, Tokenizer, train_bpe
 from stagewise.errors import DataError
 
 FORMAT_VERSION = 1
@@ -302,7 +302,9 @@ def dataset_key(cfg: DataConfig) -> str:
         if specials.origin:  # BOS and EOS shape the token stream; a default tokenizer keeps its old key
             tok["special_tokens"] = [specials.eos_id, specials.bos_id, specials.add_bos]
     else:
-        tok = {"vocab_size": cfg.tokenizer.vocab_size, "train_bytes": cfg.tokenizer.train_bytes}
+        # The special tokens a trained BPE reserves are part of its identity (the ChatML pair was added later).
+        tok = {"vocab_size": cfg.tokenizer.vocab_size, "train_bytes": cfg.tokenizer.train_bytes,
+               "specials": list(TRAINED_SPECIALS)}
     identity = {"format_version": FORMAT_VERSION, "sources": sources, "tokenizer": tok,
                 "val_fraction": cfg.val_fraction}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()[:16]

@@ -5,7 +5,10 @@ so there is no unknown token and decode(encode(s)) == s for every Unicode string
 including whitespace runs in code. The wrapper fixes the few choices that matter for a
 data pipeline: no implicit BOS/EOS on encode, special tokens never skipped on decode,
 and special-token strings inside documents encoded as ordinary text (a document that
-mentions "<|endoftext|>" must not inject a separator into the token stream).
+mentions "<|endoftext|>" must not inject a separator into the token stream). Chat text is the
+exception: what a chat template renders is encoded with its special tokens (`encode_chat`).
+A trained BPE also reserves ChatML's `<|im_start|>`/`<|im_end|>`, so it gets the built-in chat
+template; a loaded one gets the template saved beside its tokenizer.json (data/chat.py).
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from stagewise.data import special_tokens
+from stagewise.data import chat, special_tokens
+from stagewise.data.chat import ChatTemplate
 from stagewise.data.special_tokens import SpecialTokens
 from stagewise.errors import DataError
 
 EOS_TOKEN = "<|endoftext|>"
+# Reserved by every BPE stagewise trains (ids 0, 1, 2), so any of its models can be chat-tuned.
+TRAINED_SPECIALS = (EOS_TOKEN, chat.IM_START, chat.IM_END)
 # Tried in order when loading a tokenizer.json we did not train (GPT-2, T5/Llama-2, Gemma, Llama-3).
 EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>")
 
@@ -33,9 +39,10 @@ EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>")
 class Tokenizer:
     """Text <-> token ids, plus the special tokens (`specials`: the document separator `eos_id`, the
     `bos_id` documents and prompts start with when `add_bos`, the sampling `stop_ids`) and a content
-    hash (`sha256`, of tokenizer.json alone)."""
+    hash (`sha256`, of tokenizer.json alone) and the `chat_template` (None if it has none)."""
 
-    def __init__(self, tok: HFTokenizer, source: str = "tokenizer", specials: Optional[SpecialTokens] = None):
+    def __init__(self, tok: HFTokenizer, source: str = "tokenizer", specials: Optional[SpecialTokens] = None,
+                 chat_template: Optional[ChatTemplate] = None):
         self._tok = tok
         self._tok.encode_special_tokens = True  # not serialized, so it does not change sha256
         self.specials = specials or SpecialTokens.default(_find_eos(tok, source))
@@ -44,6 +51,17 @@ class Tokenizer:
         self.bos_id, self.add_bos = self.specials.bos_id, self.specials.add_bos
         self.stop_ids = self.specials.stop_ids
         self.doc_prefix = self.specials.doc_prefix  # [bos_id] or []: what every document starts with
+        if chat_template is None and chat.has_chatml_tokens(tok):
+            chat_template = chat.chatml(self.template_tokens)
+        self.chat_template = chat_template
+
+    @property
+    def template_tokens(self) -> dict[str, str]:
+        """The special-token strings a chat template may refer to, as transformers names them."""
+        out = {"eos_token": self.eos_token}
+        if self.bos_id is not None:
+            out["bos_token"] = self._tok.id_to_token(self.bos_id)
+        return out
 
     @property
     def vocab_size(self) -> int:
@@ -72,6 +90,21 @@ class Tokenizer:
         # encode_batch_fast skips offset tracking we never use; older tokenizers lack it.
         encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
         return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+
+    def encode_chat(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, character offsets) of text a chat template rendered: its special-token strings are
+        their tokens, one id each, as transformers' apply_chat_template encodes them (documents
+        never are, see `encode`). Nothing is prepended: a template writes its own bos."""
+        enc = self._chat_tok.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
+    @cached_property
+    def _chat_tok(self) -> HFTokenizer:
+        # A copy, so toggling special-token matching can never leak into document encoding
+        # (another thread encoding a document mid-chat would otherwise inject separators).
+        tok = HFTokenizer.from_str(self._tok.to_str())
+        tok.encode_special_tokens = False
+        return tok
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -105,10 +138,17 @@ class Tokenizer:
         return out
 
     def save(self, path: str | Path) -> None:
-        """tokenizer.json, and beside it the special-token choice when it is not stagewise's default."""
+        """tokenizer.json, and beside it the special-token choice when it is not stagewise's default
+        and a chat template that is not the built-in, as chat_template.jinja (where transformers 5
+        reads it from too)."""
         self._tok.save(str(path))
         if self.specials.origin:
             (Path(path).parent / special_tokens.SPECIALS_FILE).write_bytes(self.specials_json())
+        # The built-in ChatML is never written: it follows from the vocabulary (like the default
+        # special tokens), and a written copy would shadow an imported model's real template copied
+        # in beside it later (tokenizer_config.json loses to chat_template.jinja).
+        if self.chat_template is not None and not self.chat_template.builtin:
+            chat.write_template(self.chat_template, Path(path).parent)
 
     def specials_json(self) -> bytes:
         return special_tokens.write_bytes(self.specials, self._tok)
@@ -126,7 +166,9 @@ class Tokenizer:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise DataError(f"tokenizer {path} is not a valid tokenizer.json ({first})") from None
         source = f"tokenizer {path}"
-        return cls(tok, source, special_tokens.resolve(tok, path.parent, lambda: _find_eos(tok, source), hf_config))
+        out = cls(tok, source, special_tokens.resolve(tok, path.parent, lambda: _find_eos(tok, source), hf_config))
+        out.chat_template = chat.read_template(path.parent, out.template_tokens) or out.chat_template
+        return out
 
     def __repr__(self) -> str:
         bos = f", bos={self._tok.id_to_token(self.bos_id)!r}" if self.add_bos else ""
@@ -134,23 +176,24 @@ class Tokenizer:
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Train a byte-level BPE with `<|endoftext|>` as id 0. Deterministic for the same texts."""
-    if vocab_size < 257:
+    """Train a byte-level BPE with `<|endoftext|>`, `<|im_start|>`, `<|im_end|>` as ids 0, 1, 2.
+    Deterministic for the same texts."""
+    if vocab_size < 256 + len(TRAINED_SPECIALS):
         raise DataError(f"data.tokenizer.vocab_size: {vocab_size} is too small; a byte-level BPE needs "
-                        "at least 257 (256 bytes + <|endoftext|>)")
+                        f"at least {256 + len(TRAINED_SPECIALS)} (256 bytes + {', '.join(TRAINED_SPECIALS)})")
     tok = HFTokenizer(models.BPE())
     # add_prefix_space=False keeps the round trip exact (no space invented before the first word).
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN],
+        special_tokens=list(TRAINED_SPECIALS),
         # Seeding all 256 byte symbols guarantees any input is encodable, even bytes unseen in training.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    assert tok.token_to_id(EOS_TOKEN) == 0
+    assert [tok.token_to_id(t) for t in TRAINED_SPECIALS] == list(range(len(TRAINED_SPECIALS)))
     return Tokenizer(tok, source="trained BPE")
 
 

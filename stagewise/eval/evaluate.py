@@ -1,8 +1,10 @@
 """Validation loss, perplexity and bits per byte.
 
-Loss is the mean next-token cross-entropy (nats) over every target token of the given
-batches; perplexity is exp(loss). The same objective function as training computes it,
-so training and evaluation losses are the same quantity.
+Loss is the stage objective's validation loss summed over the given batches and divided by
+its normaliser; for pre-training and SFT that is the mean next-token cross-entropy (nats)
+over every target token (SFT: the assistant tokens). Perplexity is exp(loss). The same
+objective as training computes it, so training and evaluation losses are the same quantity
+(objectives that reweight tokens, such as DFT, evaluate the plain cross-entropy).
 
 Bits per byte is the tokenizer-independent form of the same loss:
 
@@ -23,7 +25,8 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-from stagewise.objectives import IGNORE_INDEX, Batch, causal_lm_loss
+from stagewise.data.batch import IGNORE_INDEX, Batch
+from stagewise.objectives import CausalLM, Objective
 from stagewise.precision import Precision
 
 
@@ -35,8 +38,11 @@ def target_bytes(targets: torch.Tensor, token_bytes: np.ndarray) -> int:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable[Batch], precision: Precision | None = None,
-             device: torch.device | None = None, token_bytes: Optional[np.ndarray] = None) -> dict:
-    """{loss, perplexity, tokens} and, given the tokenizer's token_bytes, {bytes, bits_per_byte}."""
+             device: torch.device | None = None, token_bytes: Optional[np.ndarray] = None,
+             objective: Objective | None = None) -> dict:
+    """{loss, perplexity, tokens} and, given the tokenizer's token_bytes, {bytes, bits_per_byte};
+    objective: the stage's (default next-token prediction). tokens is the summed normaliser."""
+    objective = objective or CausalLM()
     was_training = model.training
     model.eval()
     loss_sum, count, nbytes = 0.0, 0, 0
@@ -44,12 +50,12 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Batch], precision: Precis
         if token_bytes is not None:
             nbytes += target_bytes(batch.targets, token_bytes)
         if device is not None:
-            batch = Batch(batch.inputs.to(device), batch.targets.to(device))
+            batch = batch.to(device)
         ctx = precision.autocast() if precision is not None else torch.autocast("cpu", enabled=False)
         with ctx:
-            out = causal_lm_loss(model, batch)
+            out = objective.evaluate(model, batch)
         loss_sum += float(out.loss_sum)
-        count += int(out.num_targets)
+        count += int(out.normaliser)
     model.train(was_training)
     loss = loss_sum / max(count, 1)
     res = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}

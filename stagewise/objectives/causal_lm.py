@@ -1,48 +1,32 @@
-"""Next-token prediction, the objective of pre-training and continual pre-training.
-
-Objectives return the *sum* of per-token losses and the number of target tokens, never a
-mean: the step function divides by the token count of the whole accumulated batch, so a
-step's gradient is the same whether it comes in one micro-batch or many, even when
-micro-batches hold different numbers of targets (masked SFT prompts, packed documents).
-"""
+"""Next-token prediction, the objective of pre-training and continual pre-training."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
-from stagewise.model.loss import IGNORE_INDEX, logits_cross_entropy
-
-
-class Batch(NamedTuple):
-    inputs: torch.Tensor   # [B, T] token ids
-    targets: torch.Tensor  # [B, T] next-token ids, IGNORE_INDEX where no loss is taken
-
-
-class ObjectiveOutput(NamedTuple):
-    loss_sum: torch.Tensor  # scalar, fp32, summed over counted targets
-    num_targets: torch.Tensor  # 0-d int64 on the batch's device: counting does not wait for it
-
-
-def num_targets(batch: Batch) -> int:
-    return int((batch.targets != IGNORE_INDEX).sum())
+from stagewise.data.batch import IGNORE_INDEX, Batch
+from stagewise.model.loss import logits_cross_entropy
+from stagewise.objectives.base import ObjectiveOutput, num_targets, packing_kwargs, token_model
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: Batch) -> ObjectiveOutput:
-    if _computes_own_loss(model):
+    if token_model(model) is not None:
         # stagewise's Transformer fuses its output head with the fp32 loss (model/loss.py).
-        loss_sum = model(batch.inputs, targets=batch.targets)
+        loss_sum = model(batch.inputs, targets=batch.targets, **packing_kwargs(batch))
     else:  # any module mapping tokens to logits
         loss_sum = logits_cross_entropy(model(batch.inputs), batch.targets)
     return ObjectiveOutput(loss_sum, (batch.targets != IGNORE_INDEX).sum())
 
 
-def _computes_own_loss(model: torch.nn.Module) -> bool:
-    from stagewise.model import Transformer
+class CausalLM:
+    """Summed next-token cross-entropy over the target tokens, normalised by their count."""
 
-    inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
-    return isinstance(getattr(inner, "module", inner), Transformer)  # DDP's wrapper
+    name = "causal-lm"
 
+    def count(self, batch: Batch) -> int:
+        return num_targets(batch)
 
-OBJECTIVES = {"causal-lm": causal_lm_loss}
+    def __call__(self, model: torch.nn.Module, batch: Batch) -> ObjectiveOutput:
+        return causal_lm_loss(model, batch)
+
+    evaluate = __call__

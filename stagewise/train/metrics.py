@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+
 PEAK_ENV = "STAGEWISE_PEAK_FLOPS"
 
 
@@ -141,7 +142,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
 
 # What a training process has imported before it builds anything: the interpreter, torch, stagewise's
 # training stack. Measured in a fresh interpreter, as the high-water mark peak_memory_bytes reads.
-_OVERHEAD_PROBE = ("import stagewise.cli, stagewise.commands, stagewise.train.trainer, stagewise.train.stages\n"
+_OVERHEAD_PROBE = ("import stagewise.cli, stagewise.commands, stagewise.train.runner, stagewise.train.stages\n"
                    "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0])")
 
 
@@ -193,13 +194,3 @@ def _step_of(line: str):
         return json.loads(line).get("step")
     except ValueError:
         return None  # a line cut short by a kill
-
-
-def read_metrics(path: Path) -> list[dict]:
-    out = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out

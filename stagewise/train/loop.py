@@ -1,0 +1,192 @@
+"""The one training loop: batch source -> train_step -> metrics / evaluation / checkpoint.
+
+Every stage kind runs through `fit`; what differs between kinds lives in the `Stage` it is
+given (train/stage.py). Starting and resuming are the same path: `fit` builds the model,
+restores whatever checkpoint it is given into the registered train state, and loops.
+
+Exact resume rests on three facts: everything that must survive a crash is registered in the
+TrainState (train/state.py) and written with every checkpoint; the LR is a pure function of
+the step; and metrics lines past the checkpoint are dropped on resume.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from stagewise import rundir
+from stagewise.checkpoint import save_checkpoint
+from stagewise.config.schema import ModelConfig
+from stagewise.model import flops_per_token
+from stagewise.precision.schedule import stage_due, switch_precision
+from stagewise.train import setup
+from stagewise.train.metrics import MetricsLog, mfu, peak_flops, peak_memory_bytes
+from stagewise.train.progress import Progress
+from stagewise.train.stage import Stage
+from stagewise.train.state import Counters, RNGState, TrainState
+from stagewise.train.step import train_step
+
+# Test hook: SIGKILL this process right after the given step has been logged (and
+# checkpointed, if due) — how the resume tests crash a run at an exact point.
+KILL_AT_STEP_ENV = "STAGEWISE_DEBUG_KILL_AT_STEP"
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT ask the loop to checkpoint after the current step and exit."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second Ctrl-C means "now"
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+class StepLog:
+    """Writes each step's metrics line one step late: reading a step's loss waits for it, and by then
+    the device already has the next step queued. Evaluation, checkpoints, signals, the kill hook and
+    the end write it at once. step_time_s is thus launch to launch."""
+
+    def __init__(self, stage: Stage, metrics: MetricsLog, progress: Progress, counters: Counters, fpt, peak):
+        self.stage, self.metrics, self.progress, self.counters = stage, metrics, progress, counters
+        self.fpt, self.peak, self.pending = fpt, peak, None
+
+    def queue(self, record: dict, result, t0: float) -> None:
+        self.pending = (record, result, t0)
+
+    def flush(self, t_end: float | None = None, evaluate=None) -> None:
+        """Write the pending step's line; t_end None: the step's end, once .host() has waited for it.
+        evaluate: () -> validation metrics for the line, run after the step's time is taken."""
+        if self.pending is None:
+            return
+        record, result, t0 = self.pending
+        self.pending = None
+        r = result.host()
+        self.counters.skipped_steps += not r.applied
+        dt = (t_end or time.perf_counter()) - t0
+        tok_s = self.stage.tokens_per_step / dt
+        record = {"step": record["step"], "tokens": record["tokens"], "loss": r.loss, "lr": record["lr"],
+                  "grad_norm": r.grad_norm, "tokens_per_s": tok_s, "mfu": mfu(self.fpt, tok_s, self.peak),
+                  "peak_mem_bytes": record["mem"], "step_time_s": dt, **record["extra"], **r.metrics}
+        if not r.applied:
+            record["skipped"] = True
+            self.progress.message(f"step {record['step']}: non-finite gradient (norm {r.grad_norm}); update skipped")
+        if evaluate is not None:
+            record.update(evaluate())
+        self.metrics.write(record)
+        self.progress.update(record["step"], r.loss, tok_s, record["mfu"], record.get("val_loss"))
+
+
+def fit(stage: Stage, mcfg: ModelConfig, device: torch.device, checkpoint: Path | None, log):
+    """Train `stage` from `checkpoint` (None: from its start) to its end; returns the model, or None
+    when the checkpoint is already at the stage's end."""
+    cfg = stage.cfg
+    trainee, record = setup.build(stage, mcfg, device, checkpoint)
+    counters = Counters(step=stage.start)
+    state = TrainState(counters=counters, source=stage.source, precision=trainee.precision, rng=RNGState(),
+                       stage=_StageState(stage, counters))
+    if checkpoint is not None:
+        setup.restore(stage, trainee, state, checkpoint, record, device)
+    if counters.step >= stage.end():
+        log(f"run already complete at step {counters.step}/{stage.end()}")
+        return None
+    trainee.model.compile_blocks(trainee.precision.compiles(cfg.train.compile, log))          # 3. compile
+    fpt = flops_per_token(mcfg, stage.flops_seq_len)
+    steplog = StepLog(stage, MetricsLog(stage.run_dir / rundir.METRICS, resume_step=counters.step if checkpoint else 0),
+                      Progress(stage.end(), counters.step, cfg.log.progress, cfg.log.every), counters, fpt,
+                      peak_flops(device, trainee.precision.gemm_dtype))
+    _loop(stage, trainee, state, steplog, device, log)
+    steplog.progress.close()
+    steplog.metrics.close()
+    if counters.skipped_steps:
+        log(f"warning: {counters.skipped_steps} step(s) skipped for non-finite gradients")
+    return trainee.model
+
+
+def _loop(stage: Stage, trainee: setup.Trainee, state: TrainState, steplog: StepLog, device, log) -> None:
+    cfg, counters = stage.cfg, state["counters"]
+    kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "-1"))
+
+    def save(at_step: int) -> Path:
+        steplog.flush()  # skipped_steps must count the pending step
+        return save_checkpoint(stage.run_dir / rundir.CHECKPOINTS, at_step, trainee.model, trainee.optimizer,
+                               state.state_dict(), cfg.checkpoint.keep_last)
+
+    trainee.model.train()
+    with _StopRequest() as stop:
+        while counters.step < stage.end():
+            if stage.poll_cooldown(counters.step):
+                save(counters.step)  # the trigger is now in a checkpoint: a resume cools down at the same step
+                stage.consume_cooldown_file()
+            t0 = time.perf_counter()
+            micro = [stage.source.next() for _ in range(cfg.train.grad_accum)]
+            normaliser = sum(stage.objective.count(b) for b in micro)  # on the CPU: the step need not wait
+            micro = [b.to(device) for b in micro]
+            _maybe_switch_precision(stage, trainee, state, counters.step, device, steplog.progress)
+            lr = stage.lr(counters.step)
+            result = train_step(trainee.model, trainee.optimizer, trainee.precision, stage.objective, micro, lr,
+                                cfg.train.grad_clip, normaliser=normaliser)
+            steplog.flush(t0)  # the previous step's line, now that this step is queued
+            counters.step += 1
+            counters.tokens_seen += stage.tokens_per_step
+            step = counters.step
+            # stage index, realised mixture shares; loss scale, gradient/update format telemetry
+            extra = {**stage.metrics(), **trainee.precision.metrics()}
+            steplog.queue({"step": step, "tokens": counters.tokens_seen, "lr": lr, "mem": peak_memory_bytes(device),
+                           "extra": extra}, result, t0)
+            evaluate_now = step == stage.end() or bool(cfg.eval.every and step % cfg.eval.every == 0)
+            checkpoint_now = step == stage.end() or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+            if evaluate_now or checkpoint_now or stop.signum or step == kill_at:
+                steplog.flush(evaluate=(lambda: stage.evaluate(trainee.model, trainee.precision)) if evaluate_now else None)
+            if checkpoint_now or stop.signum:
+                path = save(step)
+                if stop.signum:
+                    steplog.progress.close()
+                    steplog.metrics.close()
+                    log(f"received {signal.Signals(stop.signum).name}: saved {path}; "
+                        f"continue with: stagewise resume {stage.run_dir}")
+                    raise SystemExit(128 + stop.signum)
+            if step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        steplog.flush()
+
+
+def _maybe_switch_precision(stage: Stage, trainee, state: TrainState, step: int, device, progress) -> None:
+    """A precision schedule's switch due before this step (precision/schedule.py)."""
+    if (switch := stage_due(stage.cfg.precision, step)) is None:
+        return
+    trainee.model, trainee.precision, trainee.optimizer = switch_precision(
+        stage.cfg.precision, switch, trainee.model, trainee.precision, trainee.optimizer,
+        trainee.optimizer_factory(stage, device), device)
+    state.register("precision", trainee.precision)
+    trainee.model.compile_blocks(trainee.precision.compiles(stage.cfg.train.compile))
+    progress.message(f"step {step}: precision {switch.mode} from here on (optimizer state: {switch.optimizer_state})")
+
+
+class _StageState:
+    """The stage's part of the train state: its index and whether the checkpoint is its final one."""
+
+    def __init__(self, stage: Stage, counters: Counters):
+        self.stage, self.counters = stage, counters
+
+    def state_dict(self) -> dict:
+        return {**self.stage.state_dict(self.counters.step),
+                "schedule": {"name": self.stage.cfg.schedule.name, "step": self.counters.step}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stage.load_state_dict(state)

@@ -1,0 +1,252 @@
+"""Start or resume a run: prepare its data, write the run directory, drive its stages, finish.
+
+`start(cfg)` and `resume(run_dir)` differ only in where the run comes from; both hand the
+run to `_drive`, which finds the stage the newest checkpoint is in and runs the stages from
+there through the one loop (train/loop.py). A plain recipe is a run of one stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from stagewise import rundir
+from stagewise.checkpoint import export_config, export_safetensors, latest_checkpoint
+from stagewise.checkpoint.store import read_train_record
+from stagewise.config.loader import dump_yaml, from_dict, read_yaml
+from stagewise.config.schema import ModelConfig, RunConfig
+from stagewise.data import Tokenizer, open_dataset, resolve_dataset
+from stagewise.errors import CheckpointError, ConfigError
+from stagewise.generate import generate
+from stagewise.train import stages as plan
+from stagewise.train.kinds import RunData, build_stage
+from stagewise.train.loop import fit
+
+
+def pick_device(name: str) -> torch.device:
+    """auto: CUDA if present, else the CPU. Under torchrun (LOCAL_RANK set) auto and cuda mean this
+    process's GPU, cuda:LOCAL_RANK, made the current device so that kernels and allocations without
+    an explicit index land there too."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name} requested but CUDA is not available here (valid: auto, cpu)")
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return device
+
+
+def resolve_model_config(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
+    if cfg.vocab_size is None:
+        pad = cfg.pad_vocab_to
+        return dataclasses.replace(cfg, vocab_size=-(-tokenizer_vocab // pad) * pad)
+    if cfg.vocab_size < tokenizer_vocab:
+        raise ConfigError(f"model.vocab_size: expected >= the tokenizer's {tokenizer_vocab} tokens, "
+                          f"got {cfg.vocab_size}")
+    return cfg
+
+
+def _first_init_from(cfg: RunConfig):
+    return cfg.stages[0].init_from if cfg.stages else cfg.init_from
+
+
+def start(cfg: RunConfig, log=print) -> Path:
+    """Start a new run; returns the run directory."""
+    device = pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    where = "stages[0].init_from" if cfg.stages else "init_from"
+    init = rundir.load_init_source(_first_init_from(cfg)) if _first_init_from(cfg) else None
+    if init and cfg.data.seq_len > init[0].max_seq_len:
+        raise ConfigError(f"data.seq_len: expected <= {init[0].max_seq_len} (max_seq_len of {where} "
+                          f"{_first_init_from(cfg)}), got {cfg.data.seq_len}")
+    tok_path = str(Path(init[2]) / rundir.TOKENIZER) if init else None
+    if init:
+        log(f"{where} {_first_init_from(cfg)}: its architecture and tokenizer replace the recipe's model section")
+    paths, tokenizer = _prepare_data(cfg, tok_path, log)
+    mcfg = init[0] if init else resolve_model_config(cfg.model, tokenizer.vocab_size)
+    run = RunData(cfg, tokenizer, Path("."), {n: open_dataset(p) for n, p in paths.items()}, staged=bool(cfg.stages))
+    for i in range(plan.n_stages(cfg)):  # fail on bad or too little data before anything is written
+        build_stage(run, i, 0)
+
+    run.run_dir = run_dir = rundir.new_run_dir(cfg.out_dir, cfg.name)
+    run_dir.mkdir(parents=True)
+    (run_dir / rundir.CONFIG).write_text(dump_yaml(cfg))
+    rundir.write_json(run_dir / rundir.MODEL_CONFIG, dataclasses.asdict(mcfg))
+    tokenizer.save(run_dir / rundir.TOKENIZER)
+    if init:  # keep the source's chat template, generation config and HF config for export-hf
+        from stagewise.interop.hf_io import SIDE_FILES
+
+        for name in SIDE_FILES:
+            if (Path(init[2]) / name).is_file():
+                shutil.copyfile(Path(init[2]) / name, run_dir / name)
+        if init[3] is not None:
+            rundir.write_json(run_dir / "hf_config.json", init[3])
+    rundir.write_json(run_dir / rundir.RUN_INFO, {
+        "dataset": str(next(iter(paths.values()))) if paths else None, "domains": {n: str(p) for n, p in paths.items()},
+        "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "python": sys.version.split()[0]})
+    log(f"run directory: {run_dir}")
+    _drive(run, mcfg, device, None, log)
+    return run_dir
+
+
+def _prepare_data(cfg: RunConfig, tok_path: str | None, log) -> tuple[dict[str, Path], Tokenizer]:
+    """The prepared token dataset of every pre-training domain ("" for a plain lm recipe), all with one
+    tokenizer: init_from's, data.tokenizer.path, or a BPE trained on the first stage's sources."""
+    if cfg.stages or cfg.kind != "lm":
+        paths = _prepare_domains(cfg, tok_path, log)
+        tok = Tokenizer.load(tok_path or cfg.data.tokenizer.path) if not paths else open_dataset(
+            next(iter(paths.values()))).tokenizer
+        return paths, tok
+    if tok_path:
+        cfg.data.tokenizer.path = tok_path
+    dataset = open_dataset(resolve_dataset(cfg.data, log=log))
+    if tok_path:
+        want = Tokenizer.load(tok_path)
+        if (dataset.tokenizer.sha256, dataset.tokenizer.specials) != (want.sha256, want.specials):
+            raise ConfigError(f"data.prepared: {cfg.data.prepared} was tokenized with another tokenizer (or other "
+                              f"document separators) than init_from {cfg.init_from}; prepare it with "
+                              f"--tokenizer {tok_path}")
+    return {"": dataset.path}, dataset.tokenizer
+
+
+def _prepare_domains(cfg: RunConfig, tokenizer_path: str | None, log) -> dict[str, Path]:
+    sources = plan.domain_sources(cfg)
+    paths: dict[str, Path] = {}
+    tok = tokenizer_path or cfg.data.tokenizer.path
+    if tok is None:
+        first = cfg.stages[0].mixture
+        if not first:
+            raise ConfigError("stages[0]: a run without init_from or data.tokenizer.path needs a first stage "
+                              "with a mixture to train its tokenizer on")
+        ds = resolve_dataset(dataclasses.replace(cfg.data, sources=[d.source for d in first]), log=log)
+        tok = str(ds / "tokenizer.json")
+        if len(first) == 1:
+            paths[first[0].name] = ds
+    for name, src in sources.items():
+        if name not in paths:
+            data = dataclasses.replace(cfg.data, sources=[src],
+                                       tokenizer=dataclasses.replace(cfg.data.tokenizer, path=tok))
+            log(f"data: domain {name!r}")
+            paths[name] = resolve_dataset(data, log=log)
+    return paths
+
+
+def load_run(run_dir: Path, log) -> tuple[RunConfig, ModelConfig, dict, torch.device]:
+    """(config, model config, run_info, device) of an existing run, with its thread count restored."""
+    if not (run_dir / rundir.CONFIG).is_file():
+        raise CheckpointError(f"{run_dir}: not a stagewise run directory (no {rundir.CONFIG})")
+    cfg = from_dict(RunConfig, read_yaml(run_dir / rundir.CONFIG))
+    mcfg = from_dict(ModelConfig, json.loads((run_dir / rundir.MODEL_CONFIG).read_text()), "model")
+    info = json.loads((run_dir / rundir.RUN_INFO).read_text())
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if info.get("threads") != torch.get_num_threads():
+        log(f"warning: this run used {info.get('threads')} threads, now {torch.get_num_threads()}; "
+            "results stay correct but are not bitwise identical to an uninterrupted run")
+    return cfg, mcfg, info, pick_device(cfg.device)
+
+
+def resume(run_dir: str | Path, log=print) -> Path:
+    run_dir = Path(run_dir)
+    cfg, mcfg, info, device = load_run(run_dir, log)
+    tokenizer = Tokenizer.load(run_dir / rundir.TOKENIZER)
+    domains = info["domains"] if "domains" in info else {"": info["dataset"]}
+    datasets = {n: open_dataset(Path(p), expect_tokenizer_sha=tokenizer.sha256) for n, p in domains.items()}
+    run = RunData(cfg, tokenizer, run_dir, datasets, staged=bool(cfg.stages))
+    ckpt = latest_checkpoint(run_dir / rundir.CHECKPOINTS)
+    index = _position(cfg, ckpt)[0]
+    where = f" in stage {index} ({cfg.stages[index].name})" if cfg.stages and index < len(cfg.stages) else ""
+    log(f"resuming {run_dir}{where} from {ckpt.name if ckpt else 'the start (no checkpoint was written)'}")
+    _drive(run, mcfg, device, ckpt, log)
+    return run_dir
+
+
+def _position(cfg: RunConfig, ckpt) -> tuple[int, int, dict]:
+    """(stage index, its start step, the checkpoint's record) of the stage a checkpoint resumes in."""
+    if ckpt is None:
+        return 0, 0, {}
+    record = read_train_record(ckpt)
+    st = record["train_state"].get("stage") or {}
+    if st.get("complete"):
+        return st["index"] + 1, record["step"], record
+    return st.get("index", 0), st.get("start", 0), record
+
+
+def _drive(run: RunData, mcfg: ModelConfig, device, ckpt, log) -> None:
+    cfg, run_dir = run.cfg, run.run_dir
+    index, start, record = _position(cfg, ckpt)
+    if index >= plan.n_stages(cfg):
+        log(f"run already complete at step {record['step']} (all {plan.n_stages(cfg)} stage(s))")
+        return
+    if run.staged and index > 0 and not (run_dir / plan.STAGES_DIR / cfg.stages[index - 1].name).is_dir():
+        # killed right after the previous stage's final checkpoint, before its export
+        _end_stage(run, mcfg, rundir.load_model(ckpt, device)[0], index - 1)
+    model = None
+    for i in range(index, plan.n_stages(cfg)):
+        stage = build_stage(run, i, start)
+        if run.staged:
+            mix = getattr(stage.source, "probs", None)
+            shares = f", mixture: {', '.join(f'{n} {p:.1%}' for n, p in mix.items())}" if mix else ""
+            log(f"stage {i} ({stage.name}): steps {start}..{stage.end()} (budget {stage.budget}), kind {stage.kind}"
+                f"{shares}")
+        model = fit(stage, mcfg, device, ckpt, log)
+        if model is None:
+            return
+        ckpt = latest_checkpoint(run_dir / rundir.CHECKPOINTS)
+        start = read_train_record(ckpt)["step"]
+        if run.staged:
+            _end_stage(run, mcfg, model, i)
+    _finish(cfg, mcfg, run_dir, model, run.tokenizer, device, log)
+
+
+def _end_stage(run: RunData, mcfg: ModelConfig, model, index: int) -> None:
+    """RUN_DIR/stages/<name>/ (the stage's final weights, for eval, sample, init_from and later analysis)
+    and forgetting.json over the stages completed so far."""
+    name = run.cfg.stages[index].name
+    export_safetensors(model, export_config(mcfg),
+                       run.run_dir / plan.STAGES_DIR / name, extra_files=rundir.tokenizer_files(run.run_dir))
+    plan.write_forgetting(run.cfg, run.run_dir, index + 1, plan.forgetting_domains(run.cfg))
+
+
+def _finish(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, model, tokenizer, device, log) -> None:
+    """Export the final weights and print the recipe's samples (as chat turns after an sft stage)."""
+    final = run_dir / rundir.FINAL
+    export_safetensors(model, export_config(mcfg), final,
+                       extra_files=rundir.tokenizer_files(run_dir))
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    s = cfg.sample
+    chat = s.chat if s.chat is not None else plan.stage_kind(cfg, plan.n_stages(cfg) - 1) == "sft"
+    for prompt in s.prompts:
+        ids, stop = prompt_and_stop(tokenizer, prompt, chat)
+        out = generate(model, ids, s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                       eos_id=stop, generator=gen)
+        shown = f"user: {prompt}\nassistant: {tokenizer.decode(out)}" if chat else prompt + tokenizer.decode(out)
+        log(f"--- {'chat ' if chat else ''}sample (prompt {prompt!r}) ---\n{shown}")
+    ckpt = latest_checkpoint(run_dir / rundir.CHECKPOINTS)
+    log(f"\ncheckpoint: {ckpt}\nexported model: {final}\n"
+        f"  stagewise sample {run_dir} --prompt {'--chat ' if chat else ''}'def '\n"
+        f"  stagewise eval {run_dir}   (validation split)\n"
+        f"  stagewise resume {run_dir}   (continues a stopped run)")
+
+
+def prompt_and_stop(tokenizer: Tokenizer, prompt: str, chat: bool) -> tuple[list[int], tuple[int, ...]]:
+    """(prompt ids, stop ids): as a document's start, or as a user turn of the tokenizer's chat template
+    followed by the assistant header, stopping at the template's end-of-turn tokens."""
+    if not chat:
+        return tokenizer.encode_prompt(prompt), tokenizer.stop_ids
+    from stagewise.data.chat import require_template
+
+    template = require_template(tokenizer, "sample.chat: the tokenizer")
+    return template.prompt_ids(tokenizer, [{"role": "user", "content": prompt}]), template.stop_ids(tokenizer)

@@ -1,0 +1,93 @@
+"""The `sft` stage kind: chat conversations -> packed (or padded) batches -> the SFT objective.
+
+Its evaluation reports, at every eval step: val_loss / val_bpb on the stage's own validation
+conversations (assistant tokens; also as val_loss/<stage name> for forgetting.json), the
+validation loss of every pre-training domain trained before it (so forgetting is measured
+across the lm -> sft boundary), and for verifiable data (arithmetic) exact_match: the share
+of sft.eval_generate validation problems whose greedy answer the checker accepts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stagewise import rundir
+from stagewise.data.arithmetic import Problem, check
+from stagewise.data.packing import PackedSource, PaddedSource, eval_rows
+from stagewise.data.sft_data import load_sft_data
+from stagewise.eval import evaluate
+from stagewise.generate import generate
+from stagewise.model import Transformer
+from stagewise.objectives import build_objective
+from stagewise.train import stages as plan
+from stagewise.train.stage import Stage
+
+
+def sft_config(cfg, index: int):
+    return cfg.stages[index].sft if cfg.stages else cfg.sft
+
+
+def sft_stage(run, index: int, start: int) -> Stage:
+    cfg = plan.stage_config(run.cfg, index)
+    sft, name = sft_config(run.cfg, index), plan.stage_name(run.cfg, index)
+    B, T = cfg.train.batch_size, cfg.data.seq_len
+    where = f"stages[{index}].sft" if run.cfg.stages else "sft"
+    if name not in run.chat:
+        run.chat[name] = load_sft_data(sft, run.tokenizer, T, where, log=lambda m: None)
+    data = run.chat[name]
+    pad = run.tokenizer.eos_id
+    kind = PackedSource if sft.packing else PaddedSource
+    source = kind(data.train, T, B, cfg.seed, pad, stage=index, what=f"{where}.data")
+    context = {"reference": _reference(run, cfg, index)} if sft.loss == "asft" else {}
+    objective = build_objective("sft", sft, context)
+    val = eval_rows(data.val, T, B, cfg.eval.batches, pad)
+    lm_eval = run.domain_evaluator(plan.seen_domains(run.cfg, index), [], objective, cfg) if run.staged \
+        and plan.seen_domains(run.cfg, index) else None
+    problems = [Problem.from_conversation(c.extra | {"messages": c.messages}) for c in data.val_conversations
+                if "problem" in c.extra][:sft.eval_generate]
+
+    def evaluate_stage(model, precision) -> dict:
+        res = evaluate(model, val, precision, token_bytes=run.tokenizer.token_bytes, objective=objective)
+        out = {"val_loss": res["loss"], "val_bpb": res["bits_per_byte"]}
+        if run.staged:
+            out[f"val_loss/{name}"], out[f"val_bpb/{name}"] = out["val_loss"], out["val_bpb"]
+        if lm_eval is not None:
+            out.update({k: v for k, v in lm_eval(model, precision).items() if "/" in k})
+        if problems:
+            out["exact_match"] = exact_match(model, precision, run.tokenizer, data.template, problems,
+                                             sft.eval_max_new_tokens)
+        return out
+
+    return Stage(**plan.common_fields(run.cfg, index, start), kind="sft", cfg=cfg, source=source,
+                 objective=objective, evaluate=evaluate_stage, run_dir=run.run_dir,
+                 tokens_per_step=B * T * cfg.train.grad_accum, flops_seq_len=T)
+
+
+def _reference(run, cfg, index: int) -> torch.nn.Module:
+    """The frozen initial model of an asft stage: init_from's weights, or the previous stage's final ones."""
+    source = run.cfg.stages[index].init_from if run.cfg.stages else run.cfg.init_from
+    if source is None:
+        assert index > 0, "the loader requires init_from for asft without an earlier stage"
+        source = run.run_dir / plan.STAGES_DIR / run.cfg.stages[index - 1].name
+    mcfg, state, _, _ = rundir.load_init_source(source)
+    ref = Transformer(mcfg)
+    rundir.load_weights(ref, state, f"asft reference {source}")
+    ref.requires_grad_(False)
+    return ref.eval()
+
+
+@torch.no_grad()
+def exact_match(model, precision, tokenizer, template, problems: list, max_new_tokens: int) -> float:
+    """Share of problems whose greedy completion the arithmetic checker accepts."""
+    was_training = model.training
+    model.eval()
+    stop = template.stop_ids(tokenizer)
+    right = 0
+    with precision.autocast():
+        for prob in problems:
+            prompt = template.prompt_ids(tokenizer, [{"role": "user", "content": prob.prompt}])
+            ids = generate(model, prompt, max_new_tokens, temperature=0.0, eos_id=stop)
+            right += check(tokenizer.decode(ids), prob)
+    model.train(was_training)
+    return right / len(problems)
+
