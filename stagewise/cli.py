@@ -31,6 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 "their life, at any precision, resumable bit for bit.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_training_commands(sub, fmt)
+    _add_model_commands(sub, fmt)
+    _add_data_and_report_commands(sub, fmt)
+    return p
+
+
+def _add_training_commands(sub, fmt) -> None:
+    """run, resume, plan."""
     r = sub.add_parser("run", help="train from a recipe (creates a run directory)", formatter_class=fmt,
                        description="Train from a YAML recipe. Creates out_dir/name (or name-2, -3 ... if taken) "
                        "holding the resolved config, metrics.jsonl, checkpoints and the final exported model. "
@@ -61,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "average and CPU count at the time. Without it, plan prints the cached peak and its "
                     "conditions, and training measures it once if it is missing.")
 
+
+def _add_model_commands(sub, fmt) -> None:
+    """sample, eval, export, import-hf, export-hf."""
     sm = sub.add_parser("sample", help="generate text from a checkpoint",
                         description="Generate from a run directory (newest checkpoint), a checkpoint "
                         "directory or an exported model directory, with a KV cache.")
@@ -132,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     eh.add_argument("--max-shard-size", default="5GB",
                     help="largest safetensors file before splitting into shards, e.g. 500MB, 2GB (default 5GB)")
 
+
+def _add_data_and_report_commands(sub, fmt) -> None:
+    """data prepare, report, docs-config."""
     d = sub.add_parser("data", help="data preparation")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     dp = dsub.add_parser("prepare", help="train a tokenizer and tokenize a corpus into shards",
@@ -159,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", default=None, help="output directory (default RUN_DIR/report; files in it are replaced)")
 
     sub.add_parser("docs-config", help="print the recipe reference (Markdown) generated from the schema")
-    return p
+
 
 
 def main(argv: list[str] | None = None) -> int:

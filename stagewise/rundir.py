@@ -105,12 +105,15 @@ def resolve_model_source(path: str | Path) -> tuple[str, Path, Path]:
 
 
 def tokenizer_files(meta_dir: Path) -> dict[str, Path]:
-    """What travels with a model's tokenizer: tokenizer.json and, for an imported one, its special tokens."""
+    """What travels with a model's tokenizer: tokenizer.json and, for an imported one, its special tokens
+    and chat template (a stagewise BPE's built-in ChatML follows from its vocabulary)."""
+    from stagewise.data.chat import TEMPLATE_FILE
     from stagewise.data.special_tokens import SPECIALS_FILE
 
     files = {TOKENIZER: meta_dir / TOKENIZER}
-    if (meta_dir / SPECIALS_FILE).is_file():
-        files[SPECIALS_FILE] = meta_dir / SPECIALS_FILE
+    for name in (SPECIALS_FILE, TEMPLATE_FILE):
+        if (meta_dir / name).is_file():
+            files[name] = meta_dir / name
     return files
 
 

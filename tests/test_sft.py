@@ -178,3 +178,25 @@ def test_eval_rows_are_fixed_and_cover_examples():
     assert all(torch.equal(x.inputs, y.inputs) for x, y in zip(a, b))
     counted = sum(int((bt.targets != IGNORE_INDEX).sum()) for bt in a)
     assert counted == sum(int((e.targets != IGNORE_INDEX).sum()) for e in examples)
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int4", "bf16-pure"])
+def test_precision_setup_leaves_named_modules_alone(mode):
+    """The precision swaps skip modules named in `keep` (adapters will keep their own weights)."""
+    from stagewise.config.schema import PrecisionConfig
+    from stagewise.objectives import CausalLM
+    from stagewise.precision import build_precision
+    from stagewise.train.step import train_step
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=32))
+    prec = build_precision(PrecisionConfig(mode=mode), torch.device("cpu"))
+    model = prec.setup(model, keep=["layers.1.*"])
+    kept = model.layers[1].attention.wq
+    changed = model.layers[0].attention.wq
+    assert type(kept) is torch.nn.Linear and kept.weight.dtype == torch.float32
+    assert type(changed) is not torch.nn.Linear or changed.weight.dtype == torch.bfloat16
+    opt = prec.setup_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-3))
+    x = torch.randint(0, 64, (2, 16))
+    r = train_step(model, opt, prec, CausalLM(), [Batch(x, torch.roll(x, -1, 1))], 1e-3, 1.0).host()
+    assert math.isfinite(r.loss) and r.applied

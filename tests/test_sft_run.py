@@ -175,3 +175,42 @@ def _assert_one_line_error(proc, tmp_path: Path, pattern: str) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(pattern, lines[0]), proc.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.slow
+def test_sft_from_an_imported_hugging_face_model(tmp_path):
+    """kind sft with init_from a Hugging Face directory (a tiny Qwen2 built offline with the real
+    Qwen2.5 chat template): the run uses the model's own template, trains, and `sample --chat`
+    answers through it."""
+    transformers = pytest.importorskip("transformers")
+    from test_chat_template import QWEN2_5, qwen_backend
+
+    import torch
+
+    hf_dir = tmp_path / "qwen"
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=qwen_backend(), eos_token="<|im_end|>",
+                                               pad_token="<|endoftext|>")
+    tok.chat_template = QWEN2_5
+    tok.save_pretrained(hf_dir)
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   tie_word_embeddings=True, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(hf_dir)
+    data = _write_jsonl(tmp_path / "chat.jsonl", _chat_rows(60))
+    recipe = sft_recipe(tmp_path, hf_dir, data)
+    out = run_cli("run", recipe, "--train.steps=4", "--eval.every=0", "--sft.data=[{kind: jsonl, path: "
+                  f"{data}}}]").stdout
+    run = tmp_path / "runs" / "sft"
+    assert (run / "chat_template.jinja").read_text() == QWEN2_5 or "Qwen" in (run / "tokenizer_config.json").read_text()
+    assert "assistant:" in out
+    rec = read_metrics(run / "metrics.jsonl")
+    assert len(rec) == 4 and math_finite(rec[-1]["val_loss"])
+    reply = run_cli("sample", run, "--chat", "--prompt", "What is 1 plus 1?", "--greedy", "--max-new-tokens", "4")
+    assert reply.returncode == 0
+
+
+def test_plan_shows_the_padding_waste(tmp_path, base):
+    data = _write_jsonl(tmp_path / "chat.jsonl", _chat_rows(40))
+    out = run_cli("plan", sft_recipe(tmp_path, base, data)).stdout
+    assert "# sft data" in out and "padding waste packed" in out and "(this recipe: packed)" in out

@@ -173,7 +173,12 @@ def test_quickstart_dataset_key_is_unchanged(tmp_path, corpus_dir):
     from conftest import REPO
 
     data = load_recipe(REPO / "recipes" / "quickstart.yaml").data
+    # A BPE to be trained: its key names the special tokens it reserves, because adding the ChatML
+    # pair changed every trained tokenizer (an old cache entry must not be reused for it).
     assert dataset_key(data) == old_dataset_key(data, {"vocab_size": data.tokenizer.vocab_size,
+                                                       "train_bytes": data.tokenizer.train_bytes,
+                                                       "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]})
+    assert dataset_key(data) != old_dataset_key(data, {"vocab_size": data.tokenizer.vocab_size,
                                                        "train_bytes": data.tokenizer.train_bytes})
     # A tokenizer we trained, given by path (how staged recipes share one): also the old key.
     train_bpe([p.read_text() for p in sorted(corpus_dir.iterdir())[:3]], 300).save(tmp_path / "tokenizer.json")

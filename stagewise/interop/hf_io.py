@@ -153,9 +153,12 @@ def export_hf(ckpt: str | Path, out: str | Path, family: str | None = None,
                 shutil.copyfile(meta_dir / name, tmp / name)
         if not (tmp / "tokenizer_config.json").is_file():
             # A tokenizer we trained ourselves: tell AutoTokenizer to wrap tokenizer.json as it is.
-            (tmp / "tokenizer_config.json").write_text(json.dumps({
-                "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tok.eos_token,
-                "model_max_length": mcfg.max_seq_len}, indent=2) + "\n")
+            # Its built-in ChatML template is written out, so apply_chat_template works on the export.
+            config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tok.eos_token,
+                      "pad_token": tok.eos_token, "model_max_length": mcfg.max_seq_len}
+            if tok.chat_template is not None and not (tmp / "chat_template.jinja").is_file():
+                config["chat_template"] = tok.chat_template.source
+            (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

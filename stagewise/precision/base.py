@@ -26,7 +26,9 @@ A precision schedule switches between them during a run (schedule.py).
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import warnings
+from typing import Sequence
 
 import torch
 
@@ -67,7 +69,10 @@ class Precision:
 
     # -- set-up ------------------------------------------------------------------------------
 
-    def setup(self, model: torch.nn.Module) -> torch.nn.Module:
+    def setup(self, model: torch.nn.Module, keep: Sequence[str] = ()) -> torch.nn.Module:
+        """Prepare `model` for this mode, in place. keep: module name patterns (fnmatch) this mode
+        leaves as they are (swaps and casts skip them): adapters' own weights, for example."""
+        self.keep = tuple(keep)
         if self.device.type == "cuda":
             # Explicit, so a process that ran a tf32 stage before does not leak TF32 into fp32.
             torch.backends.cuda.matmul.allow_tf32 = False
@@ -77,6 +82,10 @@ class Precision:
         if hasattr(model, "fused_loss"):
             model.fused_loss = self.fused_loss
         return model
+
+    def keeps(self, module_name: str) -> bool:
+        """Whether setup leaves the module of this name alone."""
+        return any(fnmatch.fnmatch(module_name, pattern) for pattern in getattr(self, "keep", ()))
 
     def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         return optimizer
@@ -236,8 +245,8 @@ class TF32(Precision):
     name = "tf32"
     _warned = False
 
-    def setup(self, model):
-        model = super().setup(model)
+    def setup(self, model, keep=()):
+        model = super().setup(model, keep)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True

@@ -138,14 +138,14 @@ class FP16Mixed(Precision):
             self.compute_dtype = torch.float32  # the emulated GEMMs run in fp32: MFU is against the fp32 peak
         self._stats: GradFormatStats | None = None
 
-    def setup(self, model):
+    def setup(self, model, keep=()):
         if self.emulate:
             # Without this, inductor (train.compile) fuses x.to(fp16).to(fp32) into a no-op and the
             # emulation silently disappears; with it, compiled and eager steps are bitwise equal.
             import torch._inductor.config as inductor_config
 
             inductor_config.emulate_precision_casts = True
-        return super().setup(model)
+        return super().setup(model, keep)
 
     def autocast(self):
         if self._stats is None and self.emulate and self.telemetry_due():

@@ -112,11 +112,12 @@ class BF16Pure(Precision):
     grad_format = torch.bfloat16
     param_bytes, grad_bytes, master_bytes, optim_state_bytes = 2, 2, 0, 4  # +2 with kahan (see plan)
 
-    def setup(self, model):
-        model = super().setup(model)
+    def setup(self, model, keep=()):
+        model = super().setup(model, keep)
         # Parameters only: buffers (RoPE tables) stay fp32 and are cast where they are used.
-        for p in model.parameters():
-            p.data = p.data.to(torch.bfloat16)
+        for name, p in model.named_parameters():
+            if not self.keeps(name.rpartition(".")[0]):
+                p.data = p.data.to(torch.bfloat16)
         return model
 
     def teardown(self, model):

@@ -34,10 +34,11 @@ class _Swapped(BF16Mixed):
     # a second, reference backward would change: activation gradients get the direct counts only.
     act_grad_reference = False
 
-    def setup(self, model):
-        model = super().setup(model)
-        keep = list(self.cfg.keep_high_precision)
-        self.swapped = swap_linears(model, self._make, skip=lambda n: any(fnmatch.fnmatch(n, p) for p in keep))
+    def setup(self, model, keep=()):
+        model = super().setup(model, keep)
+        patterns = list(self.cfg.keep_high_precision)
+        self.swapped = swap_linears(model, self._make,
+                                    skip=lambda n: any(fnmatch.fnmatch(n, p) for p in patterns) or self.keeps(n))
         self._modules = {n: model.get_submodule(n) for n in self.swapped}
         return model
 

@@ -54,7 +54,7 @@ def switch_precision(cfg: PrecisionConfig, stage, model: torch.nn.Module, old: P
                 p.add_(c.to(p.dtype))
     new = build_precision(dataclasses.replace(cfg, mode=stage.mode), device)
     new.steps, new.skipped = old.steps, old.skipped
-    model = new.setup(model)
+    model = new.setup(model, old.keep)
     fresh = new.setup_optimizer(build_optimizer(model))
     if stage.optimizer_state == "keep":
         for p in _params(fresh):

@@ -105,8 +105,10 @@ def _prepare_data(cfg: RunConfig, tok_path: str | None, log) -> tuple[dict[str, 
     tokenizer: init_from's, data.tokenizer.path, or a BPE trained on the first stage's sources."""
     if cfg.stages or cfg.kind != "lm":
         paths = _prepare_domains(cfg, tok_path, log)
-        tok = Tokenizer.load(tok_path or cfg.data.tokenizer.path) if not paths else open_dataset(
-            next(iter(paths.values()))).tokenizer
+        given = tok_path or cfg.data.tokenizer.path
+        # A given tokenizer is loaded from its own directory, where its chat template is (prepared
+        # datasets keep only tokenizer.json).
+        tok = Tokenizer.load(given) if given else open_dataset(next(iter(paths.values()))).tokenizer
         return paths, tok
     if tok_path:
         cfg.data.tokenizer.path = tok_path
@@ -117,7 +119,7 @@ def _prepare_data(cfg: RunConfig, tok_path: str | None, log) -> tuple[dict[str, 
             raise ConfigError(f"data.prepared: {cfg.data.prepared} was tokenized with another tokenizer (or other "
                               f"document separators) than init_from {cfg.init_from}; prepare it with "
                               f"--tokenizer {tok_path}")
-    return {"": dataset.path}, dataset.tokenizer
+    return {"": dataset.path}, (Tokenizer.load(tok_path) if tok_path else dataset.tokenizer)
 
 
 def _prepare_domains(cfg: RunConfig, tokenizer_path: str | None, log) -> dict[str, Path]:
