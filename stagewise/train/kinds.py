@@ -67,7 +67,7 @@ def lm_stage(run: RunData, index: int, start: int) -> Stage:
         seen = plan.seen_domains(run.cfg, index)
     return Stage(**plan.common_fields(run.cfg, index, start), kind="lm", cfg=cfg, source=source,
                  objective=objective, evaluate=run.domain_evaluator(seen, trained, objective, cfg),
-                 run_dir=run.run_dir, tokens_per_step=B * T * cfg.train.grad_accum, flops_seq_len=T)
+                 run_dir=run.run_dir, flops_seq_len=T)
 
 
 def _domain_seed(seed: int, name: str) -> int:

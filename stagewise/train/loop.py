@@ -79,7 +79,7 @@ class StepLog:
         r = result.host()
         self.counters.skipped_steps += not r.applied
         dt = (t_end or time.perf_counter()) - t0
-        tok_s = self.stage.tokens_per_step / dt
+        tok_s = record["step_tokens"] / dt
         record = {"step": record["step"], "tokens": record["tokens"], "loss": r.loss, "lr": record["lr"],
                   "grad_norm": r.grad_norm, "tokens_per_s": tok_s, "mfu": mfu(self.fpt, tok_s, self.peak),
                   "peak_mem_bytes": record["mem"], "step_time_s": dt, **record["extra"], **r.metrics}
@@ -143,12 +143,13 @@ def _loop(stage: Stage, trainee: setup.Trainee, state: TrainState, steplog: Step
                                 cfg.train.grad_clip, normaliser=normaliser)
             steplog.flush(t0)  # the previous step's line, now that this step is queued
             counters.step += 1
-            counters.tokens_seen += stage.tokens_per_step
+            step_tokens = sum(b.inputs.numel() for b in micro)  # padding included; padded SFT rows vary
+            counters.tokens_seen += step_tokens
             step = counters.step
             # stage index, realised mixture shares; loss scale, gradient/update format telemetry
             extra = {**stage.metrics(), **trainee.precision.metrics()}
-            steplog.queue({"step": step, "tokens": counters.tokens_seen, "lr": lr, "mem": peak_memory_bytes(device),
-                           "extra": extra}, result, t0)
+            steplog.queue({"step": step, "tokens": counters.tokens_seen, "step_tokens": step_tokens, "lr": lr,
+                           "mem": peak_memory_bytes(device), "extra": extra}, result, t0)
             evaluate_now = step == stage.end() or bool(cfg.eval.every and step % cfg.eval.every == 0)
             checkpoint_now = step == stage.end() or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
             if evaluate_now or checkpoint_now or stop.signum or step == kill_at:

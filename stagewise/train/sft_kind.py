@@ -60,7 +60,7 @@ def sft_stage(run, index: int, start: int) -> Stage:
 
     return Stage(**plan.common_fields(run.cfg, index, start), kind="sft", cfg=cfg, source=source,
                  objective=objective, evaluate=evaluate_stage, run_dir=run.run_dir,
-                 tokens_per_step=B * T * cfg.train.grad_accum, flops_seq_len=T)
+                 flops_seq_len=T)
 
 
 def _reference(run, cfg, index: int) -> torch.nn.Module:

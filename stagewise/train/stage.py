@@ -34,7 +34,6 @@ class Stage:
     objective: Objective
     evaluate: Callable             # (model, precision) -> {metric name: value}
     run_dir: Path
-    tokens_per_step: int           # tokens a step feeds the model (padding included)
     flops_seq_len: int             # sequence length the FLOPs per token are counted at
     init_from: Optional[str] = None    # weights loaded when the stage begins
     keep_optimizer: bool = True        # AdamW moments carried over from the previous stage
