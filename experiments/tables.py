@@ -24,6 +24,7 @@ EXPERIMENTS = {
     "cpt_rewarm": ("cpt_rewarm", None),
     "cpt_replay": ("cpt_replay", None),
     "cpt_optimizer_state": ("cpt_replay", "State"),
+    "sft_arithmetic": ("sft_arithmetic", None),
 }
 
 
