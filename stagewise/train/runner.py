@@ -238,7 +238,7 @@ def _finish(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, model, tokenizer, 
         log(f"--- {'chat ' if chat else ''}sample (prompt {prompt!r}) ---\n{shown}")
     ckpt = latest_checkpoint(run_dir / rundir.CHECKPOINTS)
     log(f"\ncheckpoint: {ckpt}\nexported model: {final}\n"
-        f"  stagewise sample {run_dir} --prompt {'--chat ' if chat else ''}'def '\n"
+        f"  stagewise sample {run_dir} {'--chat ' if chat else ''}--prompt 'def '\n"
         f"  stagewise eval {run_dir}   (validation split)\n"
         f"  stagewise resume {run_dir}   (continues a stopped run)")
 
