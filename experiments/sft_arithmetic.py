@@ -38,14 +38,16 @@ EXP = "sft_arithmetic"
 FORMATS = ("plain", "reversed")
 BASE_SEED = 0
 BASE_STEPS = 120
-VOCAB = 512
-N_LAYERS = 2
-SFT_STEPS = 700
+VOCAB = 512                # with N_LAYERS = 2, ~2x the SFT steps per second of base.yaml's 4 layers x 2048;
+N_LAYERS = 2               # a take-off needs ~700+ steps, which 4 x 2048 cannot fit in the budget (README §8)
+SFT_STEPS = 900
+SFT_BATCH = 32             # packed rows of SEQ_LEN; 16 rows learned later per token in pilots (README §8)
+SEQ_LEN = 64
 SFT_LR = 3e-3              # constant after warmup: pilots at 1e-3 (cosine) learned neither format (README §8)
 SFT_SCHEDULE = "constant"
 SFT_WARMUP = 20
 EVAL_EVERY = 50
-DIGITS = (1, 2)            # 1..2 digits only just learn in 700 steps; 1..3 is out of this budget's reach
+DIGITS = (1, 2)            # 1..3 digits is out of this budget's reach (README §8)
 TRAIN_COUNT = 5000         # 1..2-digit addition has ~9,000 distinct training problems
 EVAL_PROBLEMS = 100
 EVAL_TOKENS = 32768        # pre-training validation tokens per forgetting measurement
@@ -62,7 +64,8 @@ TITLE = (f"SFT on addition ({DIGITS[0]}..{DIGITS[1]}-digit operands, one token p
 
 def sft_spec(fmt: str, seed: int, base_dir) -> c.Spec:
     return c.Spec(fmt, fmt, (
-        "--kind=sft", f"--init_from={base_dir}", f"--train.steps={SFT_STEPS}", "--data.seq_len=64",
+        "--kind=sft", f"--init_from={base_dir}", f"--train.steps={SFT_STEPS}", f"--train.batch_size={SFT_BATCH}",
+        f"--data.seq_len={SEQ_LEN}",
         f"--optim.lr={SFT_LR}", f"--schedule.name={SFT_SCHEDULE}", f"--schedule.warmup_steps={SFT_WARMUP}",
         f"--eval.every={EVAL_EVERY}", *COMMON,
         "--sft.data=[{kind: arithmetic}]", f"--sft.arithmetic.format={fmt}",
@@ -163,11 +166,11 @@ def main():
         r["pretrain_before"], r["pretrain_after"] = before, after
     runs = {fmt: [r for r in done if r["label"] == fmt] for fmt in FORMATS}
     usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    settings = {"base_steps": BASE_STEPS, "base_seed": BASE_SEED, "vocab_size": VOCAB, "n_layers": N_LAYERS, "sft_steps": SFT_STEPS,
-                "eval_every": EVAL_EVERY, "digits": list(DIGITS), "train_count": TRAIN_COUNT,
+    settings = {"base_steps": BASE_STEPS, "base_seed": BASE_SEED, "vocab_size": VOCAB, "n_layers": N_LAYERS,
+                "sft_steps": SFT_STEPS, "eval_every": EVAL_EVERY, "digits": list(DIGITS), "train_count": TRAIN_COUNT,
                 "eval_problems": EVAL_PROBLEMS, "pretrain_eval_tokens": EVAL_TOKENS, "sft_lr": SFT_LR,
-                "sft_schedule": SFT_SCHEDULE, "sft_warmup_steps": SFT_WARMUP, "sft_tokens_per_step": 16 * 64,
-                "base": "base.yaml", "precision": "fp32"}
+                "sft_schedule": SFT_SCHEDULE, "sft_warmup_steps": SFT_WARMUP, "sft_batch": SFT_BATCH,
+                "sft_seq_len": SEQ_LEN, "base": "base.yaml", "precision": "fp32"}
     wall = time.perf_counter() - t0
     extra = {"tokenizer": tok,
              "base_run": {"wall_s": base["wall_s"], "cached": base["cached"], "pretrain_val": before},
@@ -248,7 +251,8 @@ def table(record: dict) -> str:
     forget_table = c.markdown_table(["run", "seed", "before SFT (nats/token)", "after SFT", "Δ after − before",
                                      "bits/byte before → after"], forget_rows)
 
-    base, m, tok, load = record["base_run"], record["machine"], record["tokenizer"], record["load_average_1min"]
+    base, m, tok = record["base_run"], record["machine"], record["tokenizer"]
+    load = record["load_average_1min"]
     return (
         f"# {record['title']}\n\n"
         f"## Exact match against SFT steps\n\n{curve_table}\n\n"
@@ -263,11 +267,13 @@ def table(record: dict) -> str:
         f"`stagewise eval RUN --data <base's prepared dataset>`: {s['pretrain_eval_tokens']:,} evenly spaced "
         f"validation tokens of the base's own split, the same windows for every model; \"before\" is the base "
         f"model, the same for every run (so the Δ's spread is that of the after-SFT losses).\n\n"
-        f"Base: {s['base_steps']} steps on python-stdlib (base.yaml, {s['precision']}), seed {s['base_seed']}, with "
-        f"this script's byte-level BPE (vocab {tok['vocab_size']}, every digit its own token: "
-        f"`{tok['check']}` → {' '.join(f'`{p}`' for p in tok['pieces'])}), {base['wall_s']:.0f} s"
+        f"Base: {s['base_steps']} steps on python-stdlib (base.yaml with {s['n_layers']} layers, {s['precision']}), "
+        f"seed {s['base_seed']}, with this script's byte-level BPE (vocab {tok['vocab_size']}, every digit its own "
+        f"token: `{tok['check']}` → {' '.join(f'`{p}`' for p in tok['pieces'])}), {base['wall_s']:.0f} s to "
+        f"tokenize its corpus and train"
         f"{' (cached in this run, not in its wall time)' if base['cached'] else ''}. SFT: {s['sft_steps']} steps, "
-        f"{s['sft_tokens_per_step']} tokens per step (16 packed rows of 64), AdamW lr {s['sft_lr']:g} "
+        f"{s['sft_batch'] * s['sft_seq_len']} tokens per step ({s['sft_batch']} packed rows of {s['sft_seq_len']}), "
+        f"AdamW lr {s['sft_lr']:g} "
         f"{s['sft_schedule']} after {s['sft_warmup_steps']} warmup steps, {s['train_count']:,} training problems "
         f"with operands of {s['digits'][0]}..{s['digits'][1]} digits. Whole experiment "
         f"{record['wall_total_s'] / 60:.1f} min wall (SFT runs and evaluations {record['wall_sft_s'] / 60:.1f} min), "
