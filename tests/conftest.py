@@ -72,3 +72,10 @@ def run_cli(*args, env=None, check=True, cwd=None, timeout=600) -> subprocess.Co
         raise AssertionError(f"stagewise {' '.join(map(str, args))} exited {proc.returncode}:\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def system_dep(present: bool, what: str):
+    """Skip a test whose Debian package is missing only where `make test` could not have installed it
+    (apt needs root, Makefile: system-deps); as root a missing package fails the test instead."""
+    return pytest.mark.skipif(not present and os.geteuid() != 0,
+                              reason=f"needs {what} (as root: apt-get install {what}; make system-deps)")

@@ -12,19 +12,19 @@ built-in ChatML) the mask must equal transformers' assistant_masks; for the mark
 the derived mask must decode to exactly each assistant reply plus its end-of-turn token.
 """
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-transformers = pytest.importorskip("transformers")
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
-from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
+import transformers
+import trl
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer as HFTokenizer
 
-from stagewise.data import Tokenizer, train_bpe  # noqa: E402
-from stagewise.data.chat import CHATML, ChatTemplate, require_template  # noqa: E402
-from stagewise.errors import DataError  # noqa: E402
+from stagewise.data import Tokenizer, train_bpe
+from stagewise.data.chat import CHATML, ChatTemplate, require_template
+from stagewise.errors import DataError
 
 # The hub templates, verbatim (Qwen/Qwen2.5-*-Instruct, Qwen/Qwen3-*, google/gemma-3-*-it).
 QWEN2_5 = r'''{%- if tools %}
@@ -222,12 +222,7 @@ GEMMA3 = r'''{{ bos_token }}
 {%- endif -%}
 '''
 
-TRL_TEMPLATES = None
-_spec = importlib.util.find_spec("trl")
-if _spec is not None and _spec.submodule_search_locations:
-    TRL_TEMPLATES = Path(list(_spec.submodule_search_locations)[0]) / "chat_templates"
-needs_trl = pytest.mark.skipif(TRL_TEMPLATES is None or not TRL_TEMPLATES.is_dir(),
-                               reason="trl (for its generation-marked training templates) is not installed")
+TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"  # hub templates, and generation-marked variants
 
 SYSTEM = {"role": "system", "content": "You are terse."}
 CONVERSATIONS = {
@@ -329,7 +324,6 @@ def masked_runs(tok: Tokenizer, ids, mask) -> list[str]:
     return runs + ([tok.decode(run)] if run else [])
 
 
-@pytest.mark.skipif(TRL_TEMPLATES is None, reason="trl is not installed")
 def test_templates_are_the_hub_ones():
     for name, text in (("qwen2_5", QWEN2_5), ("qwen3", QWEN3), ("gemma3", GEMMA3)):
         assert (TRL_TEMPLATES / f"{name}.jinja").read_text() == text
@@ -399,7 +393,6 @@ MARKED = {"qwen2.5-training": ("qwen", "qwen2_5_training"), "qwen3-training": ("
           "gemma3-training": ("gemma", "gemma3_training")}
 
 
-@needs_trl
 @pytest.mark.parametrize("model,conv", [(m, c) for m in MARKED for _, c in cases("qwen3" if "qwen3" in m else m)])
 def test_mask_equals_transformers_with_generation_markers(make_pair, model, conv):
     backend, name = MARKED[model]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import run_cli, system_dep
 from stagewise.checkpoint import latest_checkpoint, load_checkpoint
 from stagewise.config.loader import load_recipe
 from stagewise.config.schema import OptimConfig, ScheduleConfig, SourceConfig
@@ -264,9 +264,8 @@ def test_cooldown_file_ends_an_infinite_stage_and_survives_resume(setup, corpus_
     assert all(wa[k].equal(wb[k]) for k in wa)
 
 
+@system_dep(sources.PYTHON_DOCS_ROOT.is_dir(), "python3.11-doc")
 def test_python_docs_source():
-    if not sources.PYTHON_DOCS_ROOT.is_dir():
-        pytest.skip("python3.11-doc is not installed (apt-get install python3.11-doc)")
     docs = list(iter_documents(SourceConfig(kind="python-docs"), "src"))
     assert len(docs) > 100 and any(d.doc_id == "library/functions.rst.txt" for d in docs)
 

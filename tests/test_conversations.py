@@ -5,13 +5,14 @@ import json
 import re
 import sys
 
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from stagewise.data.conversations import Conversation, read_conversations
 from stagewise.errors import DataError
 
-pa = pytest.importorskip("pyarrow")
-import pyarrow.parquet as pq  # noqa: E402
 
 USER, ASSISTANT = {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}
 SYSTEM = {"role": "system", "content": "Be brief."}
@@ -93,7 +94,6 @@ def test_prompt_only_rows_when_no_assistant_is_required(tmp_path):
 
 
 def test_save_to_disk_directories(tmp_path):
-    datasets = pytest.importorskip("datasets")
     rows, expected = FORMATS["messages"]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
     check(list(read_conversations(tmp_path / "ds")), expected, tmp_path / "ds")

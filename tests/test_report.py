@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, system_dep
 from stagewise.cli import main
 
 DOMAINS = ["web", "code", "math"]
@@ -89,7 +89,6 @@ def _local_refs(html: str, folder: Path) -> list[str]:
 
 @pytest.fixture
 def report_cli(capsys):
-    pytest.importorskip("matplotlib")
 
     def run(*args) -> tuple[int, str, str]:
         rc = main(["report", *map(str, args)])
@@ -193,9 +192,8 @@ def test_torn_last_line_of_a_running_run_is_ignored(tmp_path, report_cli):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian chromium (apt-get install chromium)")
+@system_dep(shutil.which("chromium") is not None, "chromium")
 def test_report_renders_in_headless_chromium(tmp_path):
-    pytest.importorskip("matplotlib")
     shot = tmp_path / "shot.png"
     subprocess.run([sys.executable, str(REPO / "scripts" / "screenshot_report.py"), "--out", str(shot),
                     "--height", "1600"], check=True, timeout=300)

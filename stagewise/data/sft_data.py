@@ -55,7 +55,7 @@ def _source(src: ChatSourceConfig, sft: SFTConfig, where: str) -> Iterator[tuple
             yield item["split"], Conversation(item["messages"], f"{src.kind}:{item['id']}", False, extra)
         return
     for conv in read_conversations(src.path, src.glob, src.format, src.split, where=where):
-        yield _hash_split(conv.source, sft.val_fraction), conv
+        yield row_split(conv.source, sft.val_fraction), conv
 
 
 def _builtin_options(kind: str, sft: SFTConfig) -> dict:
@@ -66,7 +66,9 @@ def _builtin_options(kind: str, sft: SFTConfig) -> dict:
             "digits": (a.min_digits, a.max_digits), "fmt": a.format, "seed": a.seed}
 
 
-def _hash_split(source: str, val_fraction: float) -> str:
+def row_split(source: str, val_fraction: float) -> str:
+    """"train" or "val" for a row named "file:row", by a hash of the name: the same row always lands in
+    the same split, whatever else the file holds."""
     u = int.from_bytes(hashlib.sha256(source.encode()).digest()[:8], "big") / 2**64
     return "val" if u < val_fraction else "train"
 
