@@ -142,6 +142,32 @@ def _add_model_commands(sub, fmt) -> None:
                     help="dtype of the written weights (default float32)")
     eh.add_argument("--max-shard-size", default="5GB",
                     help="largest safetensors file before splitting into shards, e.g. 500MB, 2GB (default 5GB)")
+    eh.add_argument("--merge", action="store_true",
+                    help="a run with adapters: write its weights with the adapters merged into the base (a packed "
+                    "base is dequantized; the command prints which weights and the logit change that caused)")
+    _add_peft_commands(sub, fmt)
+
+
+def _add_peft_commands(sub, fmt) -> None:
+    """export-peft, import-peft."""
+    ep = sub.add_parser("export-peft", help="write a run's adapters as a Hugging Face PEFT adapter",
+                        description="Write the adapters of a run trained with adapter.kind lora or dora as "
+                        "adapter_config.json + adapter_model.safetensors, which peft.PeftModel.from_pretrained "
+                        "loads onto the base (export-hf the base for transformers). PiSSA, OLoRA and LoRA-GA "
+                        "adapters become a plain LoRA of rank 2r against the original base, as peft converts them. "
+                        "docs/adapters.md.")
+    ep.add_argument("run", help="run directory, or its final/ or stages/<name>/ export")
+    ep.add_argument("out", help="output directory (must not exist)")
+    ep.add_argument("--base-name", default=None, help="base_model_name_or_path written into adapter_config.json "
+                    "(default: the base path the run trained on)")
+    ip = sub.add_parser("import-peft", help="apply a Hugging Face PEFT LoRA adapter to a base model",
+                        description="Load a PEFT LoRA / DoRA adapter (adapter_config.json + "
+                        "adapter_model.safetensors) onto BASE (a stagewise model directory, run, or Hugging Face "
+                        "model directory) and write a stagewise model directory with the merged weights and the "
+                        "adapter itself, for sample, eval, export-peft and a recipe's init_from.")
+    ip.add_argument("adapter", help="PEFT adapter directory")
+    ip.add_argument("base", help="the base model the adapter was trained on")
+    ip.add_argument("out", help="output directory (must not exist)")
 
 
 def _add_data_and_report_commands(sub, fmt) -> None:

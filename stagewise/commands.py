@@ -185,8 +185,30 @@ def cmd_import_hf(args, extra) -> int:
 def cmd_export_hf(args, extra) -> int:
     from stagewise.interop.hf_io import export_hf
 
-    export_hf(args.ckpt, args.out, family=args.arch, max_shard_bytes=_size_bytes(args.max_shard_size),
+    export_hf(args.ckpt, args.out, family=args.arch, max_shard_bytes=_size_bytes(args.max_shard_size), merge=args.merge,
               dtype=args.dtype, log=_log)
+    return 0
+
+
+def _adapter_export_dir(path: Path) -> Path:
+    from stagewise import rundir
+
+    if (path / rundir.FINAL).is_dir():
+        return path / rundir.FINAL
+    return path
+
+
+def cmd_export_peft(args, extra) -> int:
+    from stagewise.adapters.peft_format import export_peft
+
+    export_peft(_adapter_export_dir(Path(args.run)), Path(args.out), base_name=args.base_name, log=_log)
+    return 0
+
+
+def cmd_import_peft(args, extra) -> int:
+    from stagewise.adapters.peft_format import import_peft
+
+    import_peft(Path(args.adapter), args.base, Path(args.out), log=_log)
     return 0
 
 

@@ -155,6 +155,11 @@ def load_model(path: str | Path, device: torch.device):
     if not tok_path.is_file():
         raise CheckpointError(f"{meta_dir}: missing {TOKENIZER}")
     tokenizer = Tokenizer.load(tok_path)
+    record = _adapter_record(weights)
+    if record is not None:  # an adapter run's checkpoint: its base plus its adapters
+        from stagewise.adapters.rebuild import load_adapter_checkpoint
+
+        return load_adapter_checkpoint(weights, record, mcfg).to(device).eval(), tokenizer, mcfg
     model = Transformer(mcfg)
     state = load_model_state(weights)
     if mcfg.tie_embeddings:
@@ -166,6 +171,16 @@ def load_model(path: str | Path, device: torch.device):
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.to(device)
     return model.eval(), tokenizer, mcfg
+
+
+def _adapter_record(weights: Path) -> dict | None:
+    """The checkpoint record of a trainable-only (adapter) checkpoint, else None."""
+    if not (weights / ".metadata").is_file():
+        return None
+    from stagewise.checkpoint.store import read_train_record
+
+    record = read_train_record(weights)
+    return record if record.get("trainable_only") and record["train_state"].get("adapter") else None
 
 
 def _is_hf_dir(p: Path) -> bool:
@@ -188,6 +203,13 @@ def load_init_source(path: str | Path):
         mcfg, state, hf, files_dir, _ = load_hf(p)
         return mcfg, state, files_dir, hf
     _, weights, meta_dir = resolve_model_source(p)
+    if _adapter_record(weights) is not None:
+        import torch
+
+        from stagewise.adapters import merged_state_dict
+
+        model = load_model(p, torch.device("cpu"))[0]
+        return load_model_config(meta_dir), merged_state_dict(model), meta_dir, original_hf_config(meta_dir)
     return load_model_config(meta_dir), load_model_state(weights), meta_dir, original_hf_config(meta_dir)
 
 

@@ -120,8 +120,11 @@ def export_safetensors(
     config_dict: dict,
     out_dir: Path,
     extra_files: dict[str, Path] | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `out_dir/model.safetensors`, `config.json` and `extra_files` (name -> source), atomically.
+    state: the tensors to write instead of the model's own (an adapter model's merged weights; single
+    process only).
 
     An existing export in `out_dir` is replaced; any other non-empty directory is refused.
     Under torch.distributed every rank must call this (the weights are gathered); rank 0 writes.
@@ -132,7 +135,8 @@ def export_safetensors(
 
     dist_on = dist.is_available() and dist.is_initialized()
     aliases = _tied_aliases(model)
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = state if state is not None else \
+        get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not dist_on or dist.get_rank() == 0:
         for name, value in full.items():
             if not isinstance(value, torch.Tensor):

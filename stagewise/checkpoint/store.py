@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -100,9 +101,16 @@ def _broadcast_str(value: str) -> str:
 # state dicts as flat DCP tensors
 
 
-def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def _model_tensors(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
     out = {}
-    for fqn, value in get_model_state_dict(model).items():
+    options = StateDictOptions(ignore_frozen_params=trainable_only)
+    # ignore_frozen_params keeps the second name of a tied frozen weight (output.weight): drop every
+    # name under which a frozen parameter is reachable.
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad} \
+        if trainable_only else set()
+    for fqn, value in get_model_state_dict(model, options=options).items():
+        if fqn in frozen:
+            continue
         if not isinstance(value, torch.Tensor):
             kind = type(value).__name__
             raise CheckpointError(f"model state entry {fqn!r} is a {kind}; only tensors can be checkpointed")
@@ -153,8 +161,12 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     train_state: dict[str, Any],
     keep_last: int,
+    trainable_only: bool = False,
 ) -> Path:
     """Write `ckpt_root/step_{step:08d}` atomically; keep only the newest `keep_last` checkpoints.
+
+    trainable_only: leave frozen parameters out (an adapter run: its base is rebuilt from where it
+    came from and checked against the hash its train_state records); buffers are always kept.
 
     `train_state` must be JSON-serializable (tuples come back as lists); the loader returns
     it with `"step"` set. Re-saving an existing step replaces it. Returns the new directory.
@@ -167,7 +179,7 @@ def save_checkpoint(
         raise CheckpointError(f"train_state must be a dict, got {type(train_state).__name__}")
     ckpt_root = Path(ckpt_root)
 
-    tensors = _model_tensors(model)
+    tensors = _model_tensors(model, trainable_only)
     optim_record = None
     if optimizer is not None:
         optim_record, optim_tensors = _optimizer_record(model, optimizer)
@@ -178,6 +190,7 @@ def save_checkpoint(
         "torch_version": torch.__version__,
         "step": step,
         "world_size": dist.get_world_size() if _dist_on() else 1,
+        "trainable_only": trainable_only,
         "tensor_keys": sorted(tensors),
         "optimizer": optim_record,
         "train_state": train_state,
@@ -324,7 +337,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             f"{path}: {STATE_FILE} and {DCP_METADATA_FILE} list different tensors; the checkpoint is corrupt"
         )
 
-    target = _model_tensors(model)
+    trainable_only = bool(record.get("trainable_only"))
+    target = _model_tensors(model, trainable_only)
     _check_against(path, target, found, MODEL_PREFIX, "model")
     optim_record = record["optimizer"]
     optim_target: dict[str, torch.Tensor] = {}
@@ -344,7 +358,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         dcp.load(target, storage_reader=reader, planner=planner, no_dist=not _dist_on())
 
     model_state = {k.removeprefix(MODEL_PREFIX): v for k, v in target.items() if k.startswith(MODEL_PREFIX)}
-    set_model_state_dict(model, model_state)
+    set_model_state_dict(model, model_state, options=StateDictOptions(strict=not trainable_only))
     if optimizer is not None:
         if fresh_groups is None:
             optimizer.state.clear()  # saved before the first step: no state

@@ -314,6 +314,40 @@ class SFTConfig:
 
 
 @dataclass
+class AdapterConfig:
+    kind: str = opt("none", "Parameter-efficient fine-tuning (docs/adapters.md): none trains every weight; lora adds "
+                    "B @ A (rank r) to each target linear layer with the base frozen; dora also learns each output "
+                    "row's magnitude (Liu et al. 2024).", choices=["none", "lora", "dora"])
+    r: int = opt(16, "Rank of each adapter (the budget per layer for init eva).", gt=0)
+    alpha: float = opt(32.0, "Scale: the adapter adds alpha / r * B @ A (alpha / sqrt(r) with rslora).", gt=0)
+    dropout: float = opt(0.0, "Dropout on the adapter's input (training only).", ge=0, lt=1)
+    target_modules: list[str] = opt(["all-linear"], "Layers that get an adapter: all-linear (every linear layer of "
+                                    "the blocks, not the output head), Hugging Face Llama names (q_proj, k_proj, "
+                                    "v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head), stagewise names (wq, "
+                                    "..., w1, w2, w3, output), or re:REGEX matched in full against the Hugging Face "
+                                    "module path (re:model\\.layers\\.[0-3]\\..*_proj).")
+    rslora: bool = opt(False, "Rank-stabilised scale alpha / sqrt(r) (Kalajdzievski 2023).")
+    lora_plus_ratio: float = opt(1.0, "LoRA+ (Hayou et al. 2024): B's learning rate is this many times A's "
+                                 "(the paper suggests 16); 1 is plain LoRA.", gt=0)
+    init: str = opt("default", "default: A Kaiming-uniform, B = 0 (peft's default); gaussian: A ~ N(0, 1/r), B = 0; "
+                    "pissa: the top-r singular vectors of W, residual frozen (Meng et al. 2024); olora: QR of W "
+                    "(Buyukakyuz 2024); eva: right singular vectors of the layer inputs over init_batches, rank "
+                    "redistributed by explained variance (Paischer et al. 2024); lora-ga: SVD of the gradient over "
+                    "init_batches (Wang et al. 2024). Data-driven inits run once before step 1, seeded.",
+                    choices=["default", "gaussian", "pissa", "olora", "eva", "lora-ga"])
+    init_batches: int = opt(4, "eva / lora-ga: training batches their data pass reads (the training data order is "
+                            "unchanged).", gt=0)
+    eva_rho: float = opt(2.0, "eva: a layer may receive up to rho * r ranks from the budget (1: no redistribution).",
+                         ge=1)
+    base_quant: str = opt("none", "Store the frozen base weights of the adapted layers packed and dequantize them "
+                          "per matmul (QLoRA): nf4 (4-bit NormalFloat, Dettmers et al. 2023), int8 or int4 (absmax "
+                          "per block).", choices=["none", "nf4", "int8", "int4"])
+    quant_block: int = opt(64, "base_quant: values per absmax block.", gt=0)
+    double_quant: bool = opt(False, "base_quant nf4: quantize the block absmax values too (QLoRA's double "
+                             "quantization, ~0.37 bits per parameter less).")
+
+
+@dataclass
 class StageConfig:
     name: str = opt("", "Stage name (forgetting.json, logs, RUN_DIR/stages/<name>/).")
     kind: str = opt("lm", "What the stage trains: lm (next-token prediction on its mixture) or sft (supervised "
@@ -337,6 +371,8 @@ class StageConfig:
                                    "exported model instead of the previous stage's final checkpoint.")
     sft: SFTConfig = opt(SFTConfig, "kind sft: the stage's data and loss; keys not given take the recipe's sft "
                          "section.")
+    adapter: AdapterConfig = opt(AdapterConfig, "The stage's adapters (docs/adapters.md); not inherited from the "
+                                 "recipe's adapter section: each stage says its own.")
 
 
 @dataclass
@@ -365,6 +401,8 @@ class RunConfig:
     log: LogConfig = opt(LogConfig, "Progress display.")
     sample: SampleConfig = opt(SampleConfig, "Samples printed at the end of training.")
     sft: SFTConfig = opt(SFTConfig, "Supervised fine-tuning (kind sft; docs/sft.md).")
+    adapter: AdapterConfig = opt(AdapterConfig, "Parameter-efficient fine-tuning: LoRA / DoRA adapters on a frozen, "
+                                 "optionally quantized base (docs/adapters.md).")
     stages: list[StageConfig] = opt(
         [], "Continual pre-training (docs/continual.md): stages run in order, each from the previous one's final "
         "checkpoint; train.steps, data.sources and schedule/optim then come from the stages.")

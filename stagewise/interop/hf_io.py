@@ -116,9 +116,36 @@ def write_sharded(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: 
     return files + [INDEX]
 
 
+def _weights_to_write(model, mcfg, weights: Path, merge: bool, dtype, ckpt) -> tuple[dict, str]:
+    """(state dict to export, merge report): a model with adapters only with --merge."""
+    from stagewise.adapters import adapters, merged_state_dict
+    from stagewise.adapters.peft_format import ADAPTER_META
+    from stagewise.adapters.rebuild import merge_report, trained_model
+
+    has_adapter = bool(adapters(model)) or (weights / ADAPTER_META).is_file()
+    if not has_adapter:
+        return model.state_dict(), ""
+    if not merge:
+        raise ConfigError(f"{ckpt}: the model carries LoRA/DoRA adapters; pass --merge to write them merged into "
+                          f"the base, or use export-peft for the adapters alone")
+    if adapters(model):
+        trained = model
+    else:  # an export: model.safetensors is merged already; rebuild the trained model only to report
+        import json
+
+        packed = json.loads((weights / ADAPTER_META).read_text()).get("packed")
+        if not packed:
+            return model.state_dict(), ""
+        trained = trained_model(weights, mcfg)
+    state = merged_state_dict(trained)
+    return state, merge_report(trained, mcfg, state, dtype)
+
+
 def export_hf(ckpt: str | Path, out: str | Path, family: str | None = None,
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: str = "float32", log=print) -> Path:
-    """Write `ckpt` (run, checkpoint or export dir) as an HF directory of `family` at `out`."""
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: str = "float32", merge: bool = False,
+              log=print) -> Path:
+    """Write `ckpt` (run, checkpoint or export dir) as an HF directory of `family` at `out`; a model
+    with adapters only with merge (the adapters merged into the base)."""
     out = Path(out)
     if out.exists():
         raise ConfigError(f"{out}: already exists; choose a new output directory")
@@ -127,8 +154,9 @@ def export_hf(ckpt: str | Path, out: str | Path, family: str | None = None,
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
         raise ConfigError(f"--dtype: expected float32, bfloat16 or float16, got {dtype!r}")
-    _, _, meta_dir = resolve_model_source(ckpt)
+    _, weights, meta_dir = resolve_model_source(ckpt)
     model, tok, mcfg = load_model(ckpt, torch.device("cpu"))
+    state, report = _weights_to_write(model, mcfg, weights, merge, torch_dtype, ckpt)
     original = original_hf_config(meta_dir)
     if family is not None:
         fam = FAMILIES[family]
@@ -142,7 +170,7 @@ def export_hf(ckpt: str | Path, out: str | Path, family: str | None = None,
     hf["dtype"] = hf["torch_dtype"] = dtype  # transformers >= 5 reads dtype, older versions torch_dtype
     if original is None:
         hf.setdefault("eos_token_id", tok.eos_id)
-    sd = to_hf_state_dict(model.state_dict(), fam, mcfg.tie_embeddings)
+    sd = to_hf_state_dict(state, fam, mcfg.tie_embeddings)
     tensors = {k: v.detach().to(torch_dtype).contiguous().clone() for k, v in sd.items()}
     tmp = _fresh_out(out)
     try:
@@ -164,4 +192,6 @@ def export_hf(ckpt: str | Path, out: str | Path, family: str | None = None,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log(f"exported {fam.architecture} -> {out} ({', '.join(files)})")
+    if report:
+        log(report)
     return out

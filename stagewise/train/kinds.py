@@ -65,7 +65,7 @@ def lm_stage(run: RunData, index: int, start: int) -> Stage:
         samplers = {n: SequenceSampler(run.datasets[n].train, T, 1, _domain_seed(cfg.seed, n)) for n in probs}
         source = MixtureSampler(samplers, probs, B, stage=index, replayed=tuple(n for n in probs if n not in trained))
         seen = plan.seen_domains(run.cfg, index)
-    return Stage(**plan.common_fields(run.cfg, index, start), kind="lm", cfg=cfg, source=source,
+    return Stage(**plan.common_fields(run.cfg, index, start, run.run_dir), kind="lm", cfg=cfg, source=source,
                  objective=objective, evaluate=run.domain_evaluator(seen, trained, objective, cfg),
                  run_dir=run.run_dir, flops_seq_len=T)
 

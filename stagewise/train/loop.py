@@ -96,10 +96,17 @@ def fit(stage: Stage, mcfg: ModelConfig, device: torch.device, checkpoint: Path 
     """Train `stage` from `checkpoint` (None: from its start) to its end; returns the model, or None
     when the checkpoint is already at the stage's end."""
     cfg = stage.cfg
-    trainee, record = setup.build(stage, mcfg, device, checkpoint)
+    data = None
+    if cfg.adapter.kind != "none" and cfg.adapter.init in ("eva", "lora-ga"):
+        from stagewise.adapters import init_data
+
+        data = init_data(stage, device)
+    trainee, record = setup.build(stage, mcfg, device, checkpoint, data)
     counters = Counters(step=stage.start)
     state = TrainState(counters=counters, source=stage.source, precision=trainee.precision, rng=RNGState(),
                        stage=_StageState(stage, counters))
+    if trainee.adapter is not None:
+        state.register("adapter", trainee.adapter)
     if checkpoint is not None:
         setup.restore(stage, trainee, state, checkpoint, record, device)
     if counters.step >= stage.end():
@@ -125,7 +132,7 @@ def _loop(stage: Stage, trainee: setup.Trainee, state: TrainState, steplog: Step
     def save(at_step: int) -> Path:
         steplog.flush()  # skipped_steps must count the pending step
         return save_checkpoint(stage.run_dir / rundir.CHECKPOINTS, at_step, trainee.model, trainee.optimizer,
-                               state.state_dict(), cfg.checkpoint.keep_last)
+                               state.state_dict(), cfg.checkpoint.keep_last, trainable_only=trainee.adapter is not None)
 
     trainee.model.train()
     with _StopRequest() as stop:

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -75,8 +76,11 @@ def start(cfg: RunConfig, log=print) -> Path:
     paths, tokenizer = _prepare_data(cfg, tok_path, log)
     mcfg = init[0] if init else resolve_model_config(cfg.model, tokenizer.vocab_size)
     run = RunData(cfg, tokenizer, Path("."), {n: open_dataset(p) for n, p in paths.items()}, staged=bool(cfg.stages))
-    for i in range(plan.n_stages(cfg)):  # fail on bad or too little data before anything is written
-        build_stage(run, i, 0)
+    for i in range(plan.n_stages(cfg)):  # fail on bad or too little data, bad adapters, before anything is written
+        stage = build_stage(run, i, 0)
+        from stagewise.adapters import validate
+
+        validate(mcfg, stage.cfg.adapter, stage.cfg.precision.mode)
 
     run.run_dir = run_dir = rundir.new_run_dir(cfg.out_dir, cfg.name)
     run_dir.mkdir(parents=True)
@@ -216,16 +220,28 @@ def _end_stage(run: RunData, mcfg: ModelConfig, model, index: int) -> None:
     """RUN_DIR/stages/<name>/ (the stage's final weights, for eval, sample, init_from and later analysis)
     and forgetting.json over the stages completed so far."""
     name = run.cfg.stages[index].name
-    export_safetensors(model, export_config(mcfg),
-                       run.run_dir / plan.STAGES_DIR / name, extra_files=rundir.tokenizer_files(run.run_dir))
+    export_model(model, mcfg, run.run_dir, run.run_dir / plan.STAGES_DIR / name)
     plan.write_forgetting(run.cfg, run.run_dir, index + 1, plan.forgetting_domains(run.cfg))
+
+
+def export_model(model, mcfg: ModelConfig, run_dir: Path, out: Path) -> None:
+    """A stage's or the run's weights for eval, sample and init_from; with adapters, the weights merged
+    into the base plus the adapter itself (adapter.safetensors + adapter.json, for export-peft)."""
+    from stagewise.adapters import adapters, merged_state_dict, write_adapter_files
+
+    files = rundir.tokenizer_files(run_dir)
+    if not adapters(model):
+        export_safetensors(model, export_config(mcfg), out, extra_files=files)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        files |= write_adapter_files(model, Path(tmp))
+        export_safetensors(model, export_config(mcfg), out, extra_files=files, state=merged_state_dict(model))
 
 
 def _finish(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, model, tokenizer, device, log) -> None:
     """Export the final weights and print the recipe's samples (as chat turns after an sft stage)."""
     final = run_dir / rundir.FINAL
-    export_safetensors(model, export_config(mcfg), final,
-                       extra_files=rundir.tokenizer_files(run_dir))
+    export_model(model, mcfg, run_dir, final)
     model.eval()
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     s = cfg.sample

@@ -4,7 +4,7 @@ Model transforms are applied from outside the model code, always in this order:
 
   1. precision swaps  (precision.setup: fp8/fake-quant linears, bf16-pure casts, fp16 emulation;
                        modules named in `keep` are left alone, as adapters will need)
-  2. adapters         (the adapter issue)
+  2. adapters         (stagewise/adapters: LoRA / DoRA on the frozen, optionally packed base)
   3. compile          (regional torch.compile of the blocks, when the precision allows it)
   4. sharding         (the distributed issue)
 
@@ -24,6 +24,7 @@ from stagewise import rundir
 from stagewise.checkpoint import load_checkpoint
 from stagewise.checkpoint.store import read_train_record
 from stagewise.config.schema import ModelConfig, PrecisionStageConfig
+from stagewise.errors import CheckpointError
 from stagewise.model import Transformer
 from stagewise.optim import build_optimizer
 from stagewise.precision import build_precision
@@ -40,33 +41,60 @@ def seed_everything(seed: int) -> None:
 
 @dataclasses.dataclass
 class Trainee:
-    """What the step updates; switch_precision replaces all three together."""
+    """What the step updates; switch_precision replaces all three together. adapter: the adapter
+    record (adapters.AdapterRecord) of an adapter stage, else None."""
     model: torch.nn.Module
     precision: object
     optimizer: torch.optim.Optimizer
+    adapter: object = None
+    base_from_export: bool = False  # the weights came from the stage's base, not from the checkpoint
 
     def optimizer_factory(self, stage: Stage, device):
-        return lambda m: build_optimizer(stage.cfg.optim, m, device)
+        ratio = stage.cfg.adapter.lora_plus_ratio if self.adapter is not None else 1.0
+        return lambda m: build_optimizer(stage.cfg.optim, m, device, lora_plus_ratio=ratio)
 
 
-def build(stage: Stage, mcfg: ModelConfig, device: torch.device, checkpoint) -> tuple[Trainee, dict | None]:
+def _load_base(model, source, what: str) -> None:
+    if source is not None:
+        rundir.load_weights(model, rundir.load_init_source(source)[1], f"{what} {source}")
+
+
+def build(stage: Stage, mcfg: ModelConfig, device: torch.device, checkpoint, data=None) -> tuple[Trainee, dict | None]:
     """The model with its precision and optimizer, before any checkpoint is loaded; returns it with the
-    checkpoint's record (None when starting from scratch)."""
+    checkpoint's record (None when starting from scratch). data: what adapter inits that read data
+    use (adapters.prepare)."""
     cfg = stage.cfg
     seed_everything(cfg.seed)
     model = Transformer(mcfg).to(device)
-    if checkpoint is None and cfg.init_from:
-        rundir.load_weights(model, rundir.load_init_source(cfg.init_from)[1], f"init_from {cfg.init_from}")
     record = read_train_record(checkpoint) if checkpoint else None
+    boundary = record is not None and stage.begins_at(record["train_state"])
+    adapter_stage = cfg.adapter.kind != "none"
+    # An adapter stage always starts from its base; so does any stage after an adapter stage, whose
+    # final checkpoint holds only the adapters (the merged weights are that stage's export).
+    from_export = adapter_stage or (boundary and record["train_state"].get("adapter") is not None)
+    if from_export:
+        _load_base(model, stage.base, "base")
+    elif checkpoint is None and cfg.init_from:
+        _load_base(model, cfg.init_from, "init_from")
     # A stage in another precision mode loads the previous stage's checkpoint in the mode it was saved
     # in and then switches, exactly as a precision schedule does (moments kept or reset).
     pcfg = cfg.precision
-    if record is not None and stage.begins_at(record["train_state"]):
+    if boundary and not from_export:
         pcfg = dataclasses.replace(pcfg, mode=record["train_state"]["precision"].get("mode") or pcfg.mode)
     precision = build_precision(pcfg, device, record["step"] if record else 0)
     model = precision.setup(model)                                                     # 1. precision swaps
-    optimizer = precision.setup_optimizer(build_optimizer(cfg.optim, model, device))
-    return Trainee(model, precision, optimizer), record
+    adapter = None
+    if adapter_stage:                                                                  # 2. adapters
+        from stagewise import adapters
+
+        saved = record["train_state"].get("adapter") if record is not None and not boundary else None
+        if record is not None and not boundary and saved is None:
+            raise CheckpointError(f"{checkpoint}: holds a full model, not adapters; this stage trains adapters "
+                                  f"(adapter.kind {cfg.adapter.kind})")
+        adapter = adapters.prepare(model, cfg.adapter, precision, stage.base, saved, data, cfg.seed)
+    trainee = Trainee(model, precision, None, adapter, from_export)
+    trainee.optimizer = precision.setup_optimizer(trainee.optimizer_factory(stage, device)(model))
+    return trainee, record
 
 
 def restore(stage: Stage, trainee: Trainee, state: TrainState, checkpoint, record: dict, device) -> None:
@@ -76,13 +104,23 @@ def restore(stage: Stage, trainee: Trainee, state: TrainState, checkpoint, recor
     boundary = stage.begins_at(record["train_state"])
     optimizer = trainee.optimizer
     own_hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    saved = load_checkpoint(checkpoint, trainee.model, optimizer if not boundary or stage.keep_optimizer else None)
-    parts = ["counters", "source", "precision"] + ([] if boundary else ["stage"])
+    if boundary and trainee.base_from_export:
+        # Weights came from the stage's base; the trainable parameters differ from the checkpoint's,
+        # so optimizer moments cannot carry over. Counters, data positions and RNG still do.
+        saved = {**record["train_state"], "step": record["step"]}
+    else:
+        saved = load_checkpoint(checkpoint, trainee.model, optimizer if not boundary or stage.keep_optimizer else None)
+    if trainee.adapter is not None and not boundary:
+        from stagewise import adapters
+
+        adapters.finish_restore(trainee.model, stage.cfg.adapter, trainee.precision)
+    fresh_precision = boundary and trainee.base_from_export  # nothing of the old precision's state applies
+    parts = ["counters", "source"] + ([] if fresh_precision else ["precision"]) + ([] if boundary else ["stage"])
     state.load_state_dict(saved, parts)
     if boundary:
         for group, hyper in zip(optimizer.param_groups, own_hyper):
             group.update(hyper)  # the new stage's betas, eps, weight decay, not the checkpoint's
-        if stage.init_from:
+        if stage.init_from and not trainee.base_from_export:
             rundir.load_weights(trainee.model, rundir.load_init_source(stage.init_from)[1],
                                 f"init_from {stage.init_from}")
         if trainee.precision.name != stage.cfg.precision.mode:

@@ -58,17 +58,15 @@ def sft_stage(run, index: int, start: int) -> Stage:
                                              sft.eval_max_new_tokens)
         return out
 
-    return Stage(**plan.common_fields(run.cfg, index, start), kind="sft", cfg=cfg, source=source,
+    return Stage(**plan.common_fields(run.cfg, index, start, run.run_dir), kind="sft", cfg=cfg, source=source,
                  objective=objective, evaluate=evaluate_stage, run_dir=run.run_dir,
                  flops_seq_len=T)
 
 
 def _reference(run, cfg, index: int) -> torch.nn.Module:
     """The frozen initial model of an asft stage: init_from's weights, or the previous stage's final ones."""
-    source = run.cfg.stages[index].init_from if run.cfg.stages else run.cfg.init_from
-    if source is None:
-        assert index > 0, "the loader requires init_from for asft without an earlier stage"
-        source = run.run_dir / plan.STAGES_DIR / run.cfg.stages[index - 1].name
+    source = plan.base_source(run.cfg, run.run_dir, index)
+    assert source is not None, "the loader requires init_from for asft without an earlier stage"
     mcfg, state, _, _ = rundir.load_init_source(source)
     ref = Transformer(mcfg)
     rundir.load_weights(ref, state, f"asft reference {source}")

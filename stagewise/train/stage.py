@@ -36,6 +36,7 @@ class Stage:
     run_dir: Path
     flops_seq_len: int             # sequence length the FLOPs per token are counted at
     init_from: Optional[str] = None    # weights loaded when the stage begins
+    base: object = None                # what an adapter stage's base is (train.stages.base_source)
     keep_optimizer: bool = True        # AdamW moments carried over from the previous stage
     cooldown_at: Optional[int] = None  # stage-local step at which an infinite schedule cools down
     triggerable: bool = False          # RUN_DIR/COOLDOWN may trigger that cooldown

@@ -84,22 +84,32 @@ def stage_config(cfg: RunConfig, index: int) -> RunConfig:
         return cfg
     st = cfg.stages[index]
     precision = dataclasses.replace(cfg.precision, mode=st.precision or cfg.precision.mode, schedule=[])
-    return dataclasses.replace(cfg, schedule=st.schedule, optim=st.optim, precision=precision,
+    return dataclasses.replace(cfg, schedule=st.schedule, optim=st.optim, precision=precision, adapter=st.adapter,
                                init_from=st.init_from if index == 0 else None)
 
 
-def common_fields(cfg: RunConfig, index: int, start: int) -> dict:
+def base_source(cfg: RunConfig, run_dir: Path, index: int):
+    """The weights stage `index` starts from, as a path load_init_source reads: its init_from, else the
+    previous stage's export (RUN_DIR/stages/<name>/); None for a first stage trained from scratch."""
+    own = cfg.stages[index].init_from if cfg.stages else cfg.init_from
+    if own is not None or index == 0:
+        return own
+    return Path(run_dir) / STAGES_DIR / cfg.stages[index - 1].name
+
+
+def common_fields(cfg: RunConfig, index: int, start: int, run_dir: Path) -> dict:
     """The Stage fields every kind sets the same way: name, budget, start, what it begins from, and
     the cooldown of an infinite schedule (a staged recipe's may be triggered by RUN_DIR/COOLDOWN)."""
     if not cfg.stages:  # a plain recipe: train.steps; its schedule's own cooldown_at_step
-        return {"index": 0, "name": cfg.name, "start": start, "budget": cfg.train.steps}
+        return {"index": 0, "name": cfg.name, "start": start, "budget": cfg.train.steps,
+                "base": base_source(cfg, run_dir, 0)}
     st = cfg.stages[index]
     infinite = st.schedule.name == "infinite"
     init_from = st.init_from if index > 0 else None
     return {"index": index, "name": st.name, "start": start, "budget": stage_steps(cfg, index),
             "init_from": init_from, "keep_optimizer": st.optimizer_state == "keep" and not init_from,
             "cooldown_at": st.schedule.cooldown_at_step if infinite else None, "triggerable": infinite,
-            "report_index": True}
+            "report_index": True, "base": base_source(cfg, run_dir, index)}
 
 
 def write_forgetting(cfg: RunConfig, run_dir: Path, completed: int, domains: list[str]) -> dict:

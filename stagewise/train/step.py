@@ -53,7 +53,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, precisi
     total = normaliser or sum(count(mb) for mb in micro_batches)
     assert total > 0, "a step needs a positive normaliser (at least one target)"
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     optimizer.zero_grad(set_to_none=True)
 
     loss_sum, metric_sums = None, {}
