@@ -150,6 +150,7 @@ def print_plan(cfg, measure_peak: bool = False) -> None:
     else:
         print(f"\n# model (vocab {mcfg.vocab_size}: {vocab_from} {vocab}, padded to a multiple of {mcfg.pad_vocab_to})")
     _print_sizes(cfg, mcfg)
+    _print_adapter(cfg, mcfg, mem)
     _print_sft(cfg, init)
     print(f"\n# bytes per parameter ({cfg.precision.mode})")
     per_param = prec.param_bytes + prec.grad_bytes + prec.master_bytes + optim_bytes
@@ -160,6 +161,39 @@ def print_plan(cfg, measure_peak: bool = False) -> None:
               "copy of the matmul weights each forward, counted with the activations)")
     print_memory(cfg, mem)
     print_peak(cfg, measure_peak)
+
+
+def _print_adapter(cfg, mcfg, mem: dict) -> None:
+    """An adapter recipe: trainable vs frozen parameters and their bytes; `mem` is corrected in place
+    (params, grads, optimizer: adapters only), so the predicted peak below is the adapter run's."""
+    acfg = cfg.stages[0].adapter if cfg.stages else cfg.adapter
+    if acfg.kind == "none":
+        return
+    from stagewise.adapters import validate
+    from stagewise.adapters.sizes import adapter_flops_per_token, adapter_sizes
+
+    mode = (cfg.stages[0].precision or cfg.precision.mode) if cfg.stages else cfg.precision.mode
+    validate(mcfg, acfg, mode)
+    a = adapter_sizes(mcfg, acfg, mode)
+    where = " (stage 0)" if cfg.stages else ""
+    base = f"packed {acfg.base_quant}" if acfg.base_quant != "none" else ("bf16" if mode == "bf16-mixed" else "fp32")
+    print(f"\n# adapters{where}: {acfg.kind} r {acfg.r} on {a['layers']} layers, init {acfg.init}")
+    print(f"  trainable parameters {a['trainable']:>14,}  ({a['trainable'] / a['frozen']:.3%} of the base)")
+    print(f"  frozen parameters    {a['frozen']:>14,}  ({a['adapted_base']:,} in adapted layers, stored {base})")
+    print(f"  base weights         {_gib(a['base_bytes'])}")
+    print(f"  adapter weights      {_gib(a['adapter_bytes'])}   gradients {_gib(a['grad_bytes'])}   "
+          f"optimizer {_gib(a['optimizer_bytes'])}")
+    fpt = adapter_flops_per_token(mcfg, acfg, cfg.data.seq_len)
+    print(f"  FLOPs per token      {fpt:>14,}  (4*N + 6*N_adapter + attention: no weight gradients "
+          "for the base)")
+    total_before = mem["total"]
+    mem.update(params=a["base_bytes"] + a["adapter_bytes"], grads=a["grad_bytes"], optimizer=a["optimizer_bytes"])
+    if not a["head_adapted"]:
+        mem["logits"] -= mcfg.vocab_size * mcfg.d_model * 4  # a frozen head has no fp32 weight gradient
+    if mode == "bf16-mixed":  # adapted layers hold their weight in bf16 (or unpack it per matmul): no autocast copy
+        mem["activations"] -= 2 * a["adapted_base"]
+    mem["total"] = sum(v for k, v in mem.items() if k != "total")
+    print(f"  training state       {_gib(mem['total'])}  (full fine-tuning: {_gib(total_before).strip()})")
 
 
 def _print_sft(cfg, init) -> None:

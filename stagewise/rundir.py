@@ -183,6 +183,24 @@ def _adapter_record(weights: Path) -> dict | None:
     return record if record.get("trainable_only") and record["train_state"].get("adapter") else None
 
 
+def _peft_base(p: Path) -> Path | None:
+    """The local base model of a PEFT adapter directory (its base_model_name_or_path), None when `p` is
+    not one; a base that is not a local directory is refused in one line."""
+    cfg_file = p / "adapter_config.json"
+    if not cfg_file.is_file() or (p / "config.json").is_file():
+        return None
+    from stagewise.interop.hf_read import read_json
+
+    base = read_json(cfg_file, "the PEFT adapter's config").get("base_model_name_or_path") or ""
+    candidate = Path(base).expanduser()
+    if not candidate.is_absolute():
+        candidate = p / candidate if (p / candidate).is_dir() else candidate
+    if not base or not candidate.is_dir():
+        raise ConfigError(f"init_from {p}: a PEFT adapter whose base_model_name_or_path {base!r} is not a local model "
+                          f"directory; run stagewise import-peft {p} BASE OUT and use OUT as init_from")
+    return candidate
+
+
 def _is_hf_dir(p: Path) -> bool:
     from stagewise.checkpoint.export import EXPORT_FORMAT
     from stagewise.interop.hf_read import read_json
@@ -202,6 +220,10 @@ def load_init_source(path: str | Path):
     if _is_hf_dir(p):
         mcfg, state, hf, files_dir, _ = load_hf(p)
         return mcfg, state, files_dir, hf
+    if _peft_base(p) is not None:  # a PEFT adapter: its base with the adapter merged in
+        from stagewise.adapters.peft_format import peft_merged
+
+        return peft_merged(p, _peft_base(p))
     _, weights, meta_dir = resolve_model_source(p)
     if _adapter_record(weights) is not None:
         import torch
@@ -220,6 +242,8 @@ def load_init_config(path: str | Path) -> tuple[ModelConfig, Path]:
     from stagewise.model import validate_model_config
 
     p = Path(path).expanduser()
+    if _peft_base(p) is not None:
+        return load_init_config(_peft_base(p))
     if _is_hf_dir(p):
         mcfg = from_hf_config(read_json(p / "config.json", "the model's config"))
         try:

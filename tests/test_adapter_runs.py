@@ -135,6 +135,14 @@ def test_import_of_a_peft_made_adapter(base):
         ref = pm.eval()(input_ids=TOKENS).logits
     run_cli("import-peft", base / "peft-made", base / "hf_base", base / "imported")
     assert (our_logits(base / "imported") - ref).abs().max() < 1e-4
+    # init_from may name the PEFT directory itself: its (local) base with the adapter merged
+    mcfg, state, _, _ = rundir.load_init_source(base / "peft-made")
+    from stagewise.model import Transformer
+
+    model = Transformer(mcfg).eval()
+    rundir.load_weights(model, state, "test")
+    with torch.no_grad():
+        assert (model(TOKENS) - ref).abs().max() < 1e-4
     # and back out: the same adapter tensors
     run_cli("export-peft", base / "imported", base / "re-exported")
     again = load_file(base / "re-exported" / "adapter_model.safetensors")
@@ -222,3 +230,14 @@ def test_adapters_train_in_mixed_precision(base, mode, compile_):
     metrics = rundir.read_metrics(base / "runs" / f"mixed-{mode}" / "metrics.jsonl")
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_plan_of_an_adapter_recipe(base):
+    from stagewise.adapters.sizes import adapter_sizes
+    from stagewise.config.schema import AdapterConfig
+
+    out = run_cli("plan", base / "lora.yaml", "--adapter.base_quant=nf4").stdout
+    mcfg = rundir.load_model_config(base / "runs" / "base" / "final")
+    sizes = adapter_sizes(mcfg, AdapterConfig(kind="lora", r=4, alpha=8, base_quant="nf4"), "fp32")
+    assert f"trainable parameters {sizes['trainable']:>14,}" in out
+    assert "stored packed nf4" in out and "optimizer" in out and "FLOPs per token" in out

@@ -225,3 +225,60 @@ def test_bad_targets_and_ranks_are_one_line_errors():
         d = Path(tempfile.mkdtemp())
         (d / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
         read_peft(d)
+
+
+def test_plan_counts_and_flops_on_a_hand_computed_case():
+    """BASE: d 64, 4 heads of 16 (2 kv), ffn 160, 2 layers, vocab 101 untied. r 4 on all-linear:
+    per layer q 4(64+64), k and v 4(64+32), o 4(64+64), gate/up/down 4(64+160) = 4480."""
+    from stagewise.adapters.sizes import adapter_flops_per_token, adapter_sizes
+    from dataclasses import replace
+
+    cfg = replace(explicit(BASE), n_kv_heads=2, tie_embeddings=False)
+    sizes = adapter_sizes(cfg, our_cfg(r=4), "fp32")
+    assert sizes["trainable"] == 2 * 4480 and sizes["layers"] == 14
+    matmul = 2 * (64 * 16 * 12 + 3 * 64 * 160) + 101 * 64
+    assert adapter_flops_per_token(cfg, our_cfg(r=4), 32) == 4 * matmul + 6 * 8960 + 12 * 2 * 4 * 16 * 32
+    dora = adapter_sizes(cfg, our_cfg("dora", r=4), "fp32")
+    assert dora["trainable"] == 2 * (4480 + 64 + 32 + 32 + 64 + 160 + 160 + 64)
+    # a packed base: the bytes plan predicts are the bytes the packed layers hold
+    nf4 = adapter_sizes(cfg, our_cfg(r=4, base_quant="nf4"), "fp32")
+    ours = Transformer(cfg)
+    attach_all(ours, our_cfg(r=4))
+    from stagewise.adapters.apply import settle
+
+    settle(ours, our_cfg(r=4, base_quant="nf4"), None)
+    packed = sum(layer.packed.nbytes() for layer in adapters(ours).values())
+    unpacked = 4 * sum(p.numel() for n, p in ours.named_parameters() if ".lora_" not in n)
+    assert nf4["base_bytes"] == packed + unpacked
+
+
+@pytest.mark.parametrize("init,rslora", [("pissa", False), ("olora", True)])
+def test_base_moving_adapter_exports_as_a_plain_lora_on_the_original_base(init, rslora, tmp_path):
+    """After training, W_res + s B A = W + s (B A - B0 A0): peft's rank-2r LoRA on the original W."""
+    from peft import PeftModel
+    from safetensors.torch import save_file
+    import json
+
+    from stagewise.adapters.apply import init_from_weights, settle
+
+    ours, hf = twins()
+    cfg = our_cfg(r=4, alpha=8, init=init, rslora=rslora)
+    attach_all(ours, cfg, ["q_proj", "down_proj"])
+    for layer in adapters(ours).values():
+        init_from_weights(layer, init)
+    settle(ours, cfg, None)
+    with torch.no_grad():  # "training" moved the factors away from A0, B0
+        for layer in adapters(ours).values():
+            layer.lora_A.add_(0.05 * torch.randn_like(layer.lora_A))
+            layer.lora_B.add_(0.05 * torch.randn_like(layer.lora_B))
+    tensors = {f"{n}.{k}": t for n, layer in adapters(ours).items() for k, t in layer.state_dict().items()
+               if k.startswith("lora_")}
+    meta = {"kind": "lora", "alpha": 8.0, "rslora": rslora, "dropout": 0.0, "ranks": {n: 4 for n in adapters(ours)},
+            "moved": list(adapters(ours)), "n_layers": 2}
+    config, peft_tensors = to_peft(meta, tensors, "base")
+    assert config["r"] == 8 and config["lora_alpha"] == pytest.approx(8 * (2 ** 0.5 if rslora else 2))
+    save_file(peft_tensors, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(hf, tmp_path).eval()(input_ids=TOKENS).logits
+        assert (theirs - ours(TOKENS)).abs().max() < 1e-4

@@ -14,6 +14,7 @@ sharding). A stage with `adapter.kind: lora | dora`:
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 
@@ -135,7 +136,8 @@ def prepare(model, cfg: AdapterConfig, precision, base: str | None, saved: dict 
     record = {"kind": cfg.kind, "init": cfg.init, "alpha": cfg.alpha, "rslora": cfg.rslora, "dropout": cfg.dropout,
               "ranks": {n: r for n, r in ranks.items() if r > 0}, "moved": moved,
               "quant": [cfg.base_quant, cfg.quant_block, cfg.double_quant],
-              "base_hash": digest, "base": None if base is None else str(base), "seed": seed}
+              "base_hash": digest, "base": None if base is None else str(Path(base).expanduser().resolve()),
+              "seed": seed}
     model.adapter_record = record  # what export writes into adapter.json
     return AdapterRecord(record)
 

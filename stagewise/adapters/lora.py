@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from stagewise.precision.cpu_bf16 import emulates
+
 
 class _PackedLinear(torch.autograd.Function):
     """x @ dequant(W)^T (+ b) for a frozen packed W: backward dequantizes W again instead of keeping
@@ -38,7 +40,21 @@ class _PackedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         w = ctx.packed.dequantize(grad.dtype)
+        slow = grad.dtype == torch.float16 or (grad.dtype == torch.bfloat16 and emulates(grad.device))
+        if grad.device.type == "cpu" and slow:
+            # Backward runs outside the forward's autocast / CPU bf16 emulation (precision/cpu_bf16.py),
+            # and a bf16 or fp16 GEMM without a native kernel is ~80x slower than fp32 there: compute
+            # it as the emulation does, an fp32 GEMM of the low-precision values rounded back once.
+            return (grad.float() @ w.float()).to(ctx.x_dtype), None, None
         return (grad @ w).to(ctx.x_dtype), None, None
+
+
+@torch.compiler.disable
+def _packed_linear(x, packed, bias):
+    """Outside torch.compile: traced, the dequantization's per-layer buffers made inductor recompile
+    every block (46 s for the first step of a 2-layer model); as an opaque call it costs one graph
+    break per adapted layer."""
+    return _PackedLinear.apply(x, packed, bias)
 
 
 class LoRALinear(nn.Module):
@@ -146,7 +162,7 @@ class LoRALinear(nn.Module):
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            return _PackedLinear.apply(x, self.packed, self.bias)
+            return _packed_linear(x, self.packed, self.bias)
         w = self.weight
         if w.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             w = w.to(x.dtype)  # a base stored in the compute dtype, used outside autocast (sampling)

@@ -213,18 +213,12 @@ def apply_adapter(model, meta: dict, tensors: dict[str, torch.Tensor], where: st
     settle(model, cfg, None)
 
 
-def import_peft(adapter_dir: Path, base, out: Path, log=print) -> Path:
-    """A stagewise model directory at `out`: `base` with the PEFT adapter merged in, plus the adapter."""
-    import tempfile
-
+def _adapted_base(adapter_dir: Path, base):
+    """(model with the PEFT adapter applied, model config, tokenizer dir, HF config) of `base`."""
     from stagewise import rundir
-    from stagewise.adapters.apply import merged_state_dict, state_hash
-    from stagewise.checkpoint import export_config, export_safetensors
+    from stagewise.adapters.apply import state_hash
     from stagewise.model import Transformer
 
-    out = Path(out)
-    if out.exists():
-        raise ConfigError(f"{out}: already exists; choose a new output directory")
     config, tensors = read_peft(adapter_dir)
     meta, ours = from_peft(config, tensors, str(adapter_dir))
     mcfg, state, files_dir, hf = rundir.load_init_source(base)
@@ -233,6 +227,30 @@ def import_peft(adapter_dir: Path, base, out: Path, log=print) -> Path:
     meta.update(base=str(base), base_hash=state_hash(model), n_layers=mcfg.n_layers, seed=0, quant=None)
     apply_adapter(model, meta, ours, str(adapter_dir))
     model.adapter_record = meta
+    return model, mcfg, files_dir, hf
+
+
+def peft_merged(adapter_dir: Path, base):
+    """load_init_source's tuple for a PEFT adapter directory: `base`'s weights with the adapter merged."""
+    from stagewise.adapters.apply import merged_state_dict
+
+    model, mcfg, files_dir, hf = _adapted_base(adapter_dir, base)
+    return mcfg, merged_state_dict(model), files_dir, hf
+
+
+def import_peft(adapter_dir: Path, base, out: Path, log=print) -> Path:
+    """A stagewise model directory at `out`: `base` with the PEFT adapter merged in, plus the adapter."""
+    import tempfile
+
+    from stagewise import rundir
+    from stagewise.adapters.apply import merged_state_dict
+    from stagewise.checkpoint import export_config, export_safetensors
+
+    out = Path(out)
+    if out.exists():
+        raise ConfigError(f"{out}: already exists; choose a new output directory")
+    model, mcfg, files_dir, hf = _adapted_base(adapter_dir, base)
+    meta = model.adapter_record
     with tempfile.TemporaryDirectory() as tmp:
         files = rundir.tokenizer_files(Path(files_dir)) | write_adapter_files(model, Path(tmp))
         export_safetensors(model, export_config(mcfg, hf), out, extra_files=files, state=merged_state_dict(model))

@@ -114,6 +114,10 @@ def fit(stage: Stage, mcfg: ModelConfig, device: torch.device, checkpoint: Path 
         return None
     trainee.model.compile_blocks(trainee.precision.compiles(cfg.train.compile, log))          # 3. compile
     fpt = flops_per_token(mcfg, stage.flops_seq_len)
+    if trainee.adapter is not None:  # the frozen base takes no weight gradients (adapters/sizes.py)
+        from stagewise.adapters.sizes import adapter_flops_per_token
+
+        fpt = adapter_flops_per_token(mcfg, cfg.adapter, stage.flops_seq_len)
     steplog = StepLog(stage, MetricsLog(stage.run_dir / rundir.METRICS, resume_step=counters.step if checkpoint else 0),
                       Progress(stage.end(), counters.step, cfg.log.progress, cfg.log.every), counters, fpt,
                       peak_flops(device, trainee.precision.gemm_dtype))
