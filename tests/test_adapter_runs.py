@@ -230,6 +230,12 @@ def test_adapters_train_in_mixed_precision(base, mode, compile_):
     metrics = rundir.read_metrics(base / "runs" / f"mixed-{mode}" / "metrics.jsonl")
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    if mode == "bf16-mixed":
+        # the base was stored in bf16 during training; the merged export is against the fp32 original,
+        # as peft merges: the same logits as peft on the fp32 base
+        run_cli("export-peft", base / "runs" / f"mixed-{mode}", base / f"peft-mixed-{mode}")
+        final = base / "runs" / f"mixed-{mode}" / "final"
+        assert (peft_logits(base, base / f"peft-mixed-{mode}") - our_logits(final)).abs().max() < 1e-4
 
 
 def test_plan_of_an_adapter_recipe(base):

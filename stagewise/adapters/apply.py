@@ -242,10 +242,12 @@ def settle(model: nn.Module, cfg: AdapterConfig, compute_dtype: torch.dtype | No
             layer.cast_base(compute_dtype)
 
 
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def merged_state_dict(model: nn.Module, originals: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The model's state with every adapter merged into its layer's weight (fp32; a packed base
-    dequantized), under the plain model's names: what export writes."""
+    dequantized), under the plain model's names: what export writes. originals: layer name -> the
+    base weight before it was stored in the compute dtype (cast_base), merged into instead."""
     out = {}
+    originals = originals or {}
     layers = adapters(model)
     for name, t in model.state_dict().items():
         owner = name.rpartition(".")[0]
@@ -253,5 +255,17 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         out[name] = t
     for name, layer in layers.items():
-        out[f"{name}.weight"] = layer.merged_weight()
+        out[f"{name}.weight"] = layer.merged_weight(originals.get(name))
     return out
+
+
+def original_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The fp32 base weights of the layers whose frozen weight was cast to the compute dtype, read
+    again from the base the adapter record names (None there: its seeded initialisation)."""
+    layers = {n: layer for n, layer in adapters(model).items() if getattr(layer, "base_cast", False)}
+    if not layers:
+        return {}
+    from stagewise.adapters.rebuild import _base_model
+
+    base = _base_model(model.adapter_record, model.cfg, "export")
+    return {n: base.get_submodule(n).weight.detach() for n in layers}

@@ -147,6 +147,7 @@ class LoRALinear(nn.Module):
         """Store the frozen weight in `dtype` (the compute dtype: autocast rounds it there anyway)."""
         if self.weight is not None and self.weight.dtype != dtype:
             self.weight = nn.Parameter(self.weight.detach().to(dtype), requires_grad=False)
+            self.base_cast = True  # merging needs the original weight (merged_weight(original=...))
 
     # -- forward ---------------------------------------------------------------------------------
 
@@ -192,9 +193,17 @@ class LoRALinear(nn.Module):
     # -- merging ----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
-        """W + s B A (DoRA: m / ||W + s B A|| * (W + s B A)) in fp32, W dequantized if packed."""
-        w = self.base_weight(torch.float32) + self.scaling * (self.lora_B @ self.lora_A)
+    def merged_weight(self, original: torch.Tensor | None = None) -> torch.Tensor:
+        """W + s B A (DoRA: m / ||W + s B A|| * (W + s B A)) in fp32, W dequantized if packed.
+        original: the base's weight before it was stored in the compute dtype (cast_base) — the merge
+        is then against it (minus s B0 A0 for a base-moving init), as peft merges into the base."""
+        if original is not None:
+            base = original.float()
+            if self.moves_base:
+                base = base - self.scaling * (self.lora_B0 @ self.lora_A0)
+        else:
+            base = self.base_weight(torch.float32)
+        w = base + self.scaling * (self.lora_B @ self.lora_A)
         if self.dora:
             w = w * (self.lora_magnitude / torch.linalg.norm(w, dim=1))[:, None]
         return w

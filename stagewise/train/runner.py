@@ -228,6 +228,7 @@ def export_model(model, mcfg: ModelConfig, run_dir: Path, out: Path) -> None:
     """A stage's or the run's weights for eval, sample and init_from; with adapters, the weights merged
     into the base plus the adapter itself (adapter.safetensors + adapter.json, for export-peft)."""
     from stagewise.adapters import adapters, merged_state_dict, write_adapter_files
+    from stagewise.adapters.apply import original_weights
 
     files = rundir.tokenizer_files(run_dir)
     if not adapters(model):
@@ -235,7 +236,8 @@ def export_model(model, mcfg: ModelConfig, run_dir: Path, out: Path) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         files |= write_adapter_files(model, Path(tmp))
-        export_safetensors(model, export_config(mcfg), out, extra_files=files, state=merged_state_dict(model))
+        state = merged_state_dict(model, original_weights(model))
+        export_safetensors(model, export_config(mcfg), out, extra_files=files, state=state)
 
 
 def _finish(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, model, tokenizer, device, log) -> None:
