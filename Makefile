@@ -65,5 +65,5 @@ lora: $(STAMP)
 	$(VENV)/bin/stagewise run recipes/lora.yaml
 	$(VENV)/bin/stagewise export-peft runs/lora runs/lora-peft
 	$(VENV)/bin/stagewise export-hf runs/gemma-3-270m runs/gemma-3-270m-hf
-	$(PY) bench/lora_parity.py runs/gemma-3-270m-hf runs/lora-peft runs/lora/final
 	$(PY) bench/lora_parity.py runs/gemma-3-270m-hf runs/lora-peft runs/lora
+	$(PY) bench/lora_parity.py runs/gemma-3-270m-hf runs/lora-peft runs/lora/final 1e-3
