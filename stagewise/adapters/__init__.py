@@ -53,15 +53,19 @@ def validate(mcfg, cfg: AdapterConfig, precision_mode: str, where: str = "adapte
     directory is written: precision mode, targets, a tied head, ranks."""
     if cfg.kind == "none":
         return
-    if precision_mode not in ADAPTER_PRECISIONS:
-        raise ConfigError(f"precision.mode: {precision_mode} cannot train adapters (it swaps or casts the frozen "
-                          f"base weights); valid with adapter.kind {cfg.kind}: {', '.join(ADAPTER_PRECISIONS)}")
+    _check_precision(precision_mode, cfg)
     from stagewise.model import Transformer
 
     with torch.device("meta"):
         model = Transformer(mcfg)
     names = _targets(model, cfg)
     check_ranks(model, names, {n: cfg.r for n in names})
+
+
+def _check_precision(mode: str, cfg: AdapterConfig) -> None:
+    if mode not in ADAPTER_PRECISIONS:
+        raise ConfigError(f"precision.mode: {mode} cannot train adapters (it swaps or casts the frozen "
+                          f"base weights); valid with adapter.kind {cfg.kind}: {', '.join(ADAPTER_PRECISIONS)}")
 
 
 def _targets(model, cfg: AdapterConfig) -> list[str]:
@@ -85,9 +89,7 @@ def prepare(model, cfg: AdapterConfig, precision, base: str | None, saved: dict 
     saved: the adapter record of the checkpoint being resumed (None: a fresh start); the layers are
     then rebuilt with its ranks and nothing is initialised: finish_restore settles the base after the
     checkpoint is loaded. data: (batches iterable factory, forward fn, loss fn) for eva / lora-ga."""
-    if precision.name not in ADAPTER_PRECISIONS:
-        raise ConfigError(f"precision.mode: {precision.name} cannot train adapters (it swaps or casts the frozen "
-                          f"base weights); valid with adapter.kind {cfg.kind}: {', '.join(ADAPTER_PRECISIONS)}")
+    _check_precision(precision.name, cfg)
     digest = state_hash(model)
     if saved is not None:
         if saved.get("base_hash") != digest:

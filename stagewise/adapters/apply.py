@@ -229,7 +229,8 @@ def state_hash(model: nn.Module) -> str:
 
 def settle(model: nn.Module, cfg: AdapterConfig, compute_dtype: torch.dtype | None) -> None:
     """The adapted layers' frozen weights in their final form: the residual of a base-moving init,
-    DoRA's magnitude from it, then packed (base_quant) or stored in the compute dtype."""
+    then packed (base_quant) or stored in the compute dtype. A weight shared with the embedding (an
+    imported adapter on a tied head) is left as it is."""
     shared = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     for layer in adapters(model).values():
         if layer.moves_base:

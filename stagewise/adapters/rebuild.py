@@ -82,6 +82,3 @@ def merge_report(trained: torch.nn.Module, mcfg, merged_state: dict, dtype: torc
             f"logits on {tokens.numel()} probe tokens: max |diff| {diff.max().item():.3g}, mean "
             f"{diff.mean().item():.3g}")
 
-
-def is_adapter_model(model) -> bool:
-    return bool(adapters(model))

@@ -36,29 +36,25 @@ def adapter_sizes(mcfg: ModelConfig, cfg: AdapterConfig, mode: str) -> dict:
     with torch.device("meta"):
         model = Transformer(mcfg)
     names = match_targets(model, cfg.target_modules)
-    trainable = adapted_base = 0
+    matmul = magnitude = adapted_base = 0
     for name in names:
         lin = model.get_submodule(name)
-        trainable += cfg.r * (lin.in_features + lin.out_features) + (lin.out_features if cfg.kind == "dora" else 0)
+        matmul += cfg.r * (lin.in_features + lin.out_features)
+        magnitude += lin.out_features if cfg.kind == "dora" else 0
         adapted_base += lin.in_features * lin.out_features
+    trainable = matmul + magnitude
     total = param_counts(mcfg)["total"]
     base_bytes = adapted_base * _base_bytes_per_param(cfg, mode) + (total - adapted_base) * 4
     return {"layers": len(names), "trainable": trainable, "frozen": total, "adapted_base": adapted_base,
             "base_bytes": int(base_bytes), "adapter_bytes": 4 * trainable, "grad_bytes": 4 * trainable,
-            "optimizer_bytes": 8 * trainable, "head_adapted": "output" in names}
+            "optimizer_bytes": 8 * trainable, "head_adapted": "output" in names, "adapter_matmul": matmul}
 
 
 def adapter_flops_per_token(mcfg: ModelConfig, cfg: AdapterConfig, seq_len: int) -> int:
     """Training FLOPs per token with the base frozen (module docstring)."""
-    from stagewise.adapters.apply import match_targets
-    from stagewise.model import Transformer, param_counts
+    from stagewise.model import param_counts
     from stagewise.model.llama import resolved_dims
 
-    with torch.device("meta"):
-        model = Transformer(mcfg)
-    adapter = 0
-    for name in match_targets(model, cfg.target_modules):
-        lin = model.get_submodule(name)
-        adapter += cfg.r * (lin.in_features + lin.out_features)
+    adapter = adapter_sizes(mcfg, cfg, "fp32")["adapter_matmul"]
     _, hd, _ = resolved_dims(mcfg)
     return 4 * param_counts(mcfg)["matmul"] + 6 * adapter + 12 * mcfg.n_layers * mcfg.n_heads * hd * seq_len
