@@ -101,8 +101,9 @@ def print_memory(cfg, mem: dict) -> None:
 
     B, T = cfg.train.batch_size, cfg.data.seq_len
     print(f"\n# predicted peak memory ({cfg.precision.mode}, one micro-batch of {B} x {T})")
-    for key in ("params", "grads", "optimizer", "activations", "logits"):
-        print(f"  {key:<12}{_gib(mem[key])}")
+    for key in ("params", "grads", "optimizer", "activations", "logits", "reference"):
+        if key in mem:
+            print(f"  {key:<12}{_gib(mem[key])}")
     print(f"  {'state':<12}{_gib(mem['total'])}  (what training adds)")
     if _on_cuda(cfg):
         print("  on CUDA, peak_mem_bytes is the allocator's peak: it holds the state alone, so the process's "
@@ -152,6 +153,7 @@ def print_plan(cfg, measure_peak: bool = False) -> None:
     _print_sizes(cfg, mcfg)
     _print_adapter(cfg, mcfg, mem)
     _print_sft(cfg, init)
+    _print_dpo(cfg, mcfg, mem, init)
     print(f"\n# bytes per parameter ({cfg.precision.mode})")
     per_param = prec.param_bytes + prec.grad_bytes + prec.master_bytes + optim_bytes
     print(f"  weights {prec.param_bytes}, gradients {prec.grad_bytes}, separate master copy {prec.master_bytes}, "
@@ -228,6 +230,67 @@ def _print_sft(cfg, init) -> None:
         print(f"  {plan.stage_name(cfg, i)}: {len(data.train)} train / {len(data.val)} val examples "
               f"(truncated {st['truncated']}, dropped {st['dropped']}); padding waste packed "
               f"{waste['packed']:.1%}, padded {waste['padded']:.1%} (this recipe: {chosen})")
+
+
+def _print_dpo(cfg, mcfg, mem: dict, init) -> None:
+    """Each dpo stage's loss and reference (what it costs), and its pairs and padding waste once the
+    tokenizer exists. A first-stage copy reference is added to the predicted memory; padded pairs double
+    a micro-batch's rows (train.batch_size pairs, two sequences each)."""
+    from stagewise import rundir
+    from stagewise.data import Tokenizer
+    from stagewise.model import param_counts
+    from stagewise.objectives.preference import default_beta
+    from stagewise.train import stages as plan
+    from stagewise.train.dpo_kind import dpo_config, reference_dtype, reference_mode
+
+    kinds = [plan.stage_kind(cfg, i) for i in range(plan.n_stages(cfg))]
+    if "dpo" not in kinds:
+        return
+    print("\n# preference optimisation (docs/dpo.md)")
+    tok_file = cfg.data.tokenizer.path or (str(Path(rundir.load_init_config(init)[1]) / rundir.TOKENIZER) if init
+                                           else None)
+    B, T = cfg.train.batch_size, cfg.data.seq_len
+    for i, kind in enumerate(kinds):
+        if kind != "dpo":
+            continue
+        st = plan.stage_config(cfg, i)
+        dpo, name = dpo_config(cfg, i), plan.stage_name(cfg, i)
+        where = f"stages[{i}].dpo" if cfg.stages else "dpo"
+        mode = reference_mode(dpo, st.adapter.kind)
+        dtype = reference_dtype(dpo, st.precision.mode, where)
+        nbytes = param_counts(mcfg)["total"] * (2 if dtype == torch.bfloat16 else 4)
+        dname = "bf16" if dtype == torch.bfloat16 else "fp32"
+        what = {"copy": f"a frozen copy of the stage's start, matmul weights and embedding in {dname}: "
+                        f"{_gib(nbytes).strip()} held through training, one extra forward per step",
+                "adapters-off": "the policy with its adapters switched off: no second copy, one extra forward per "
+                                "step",
+                "precomputed": f"log-probs of every sequence computed once before step 1 by a temporary {dname} copy "
+                               f"({_gib(nbytes).strip()}, freed before training), cached in "
+                               f"{cfg.data.cache_dir}/reference_logps/",
+                "none": f"none ({dpo.loss} is reference-free)"}[mode]
+        beta = dpo.beta if dpo.beta is not None else default_beta(dpo.loss)
+        print(f"  {name}: loss {dpo.loss}, beta {beta:g}" + (f", sft_weight {dpo.sft_weight:g}" if dpo.sft_weight
+                                                              else ""))
+        print(f"    reference: {mode} ({what})")
+        if i == 0 and mode == "copy":
+            mem["reference"] = nbytes
+        if i == 0 and not dpo.packing:
+            mem["activations"] *= 2
+            mem["logits"] *= 2
+        mem["total"] = sum(v for k, v in mem.items() if k != "total")
+        if tok_file is None:
+            print("    pairs: known once the tokenizer exists (it is trained on stage 0's data when the run starts)")
+            continue
+        from stagewise.data.preference import PreferenceSource, load_preference_data
+
+        data = load_preference_data(dpo, Tokenizer.load(tok_file), T, where, log=lambda m: None)
+        tok = Tokenizer.load(tok_file)
+        waste = {p: PreferenceSource(data.train, T, max(B, 2), cfg.seed, tok.eos_id, p).padding_fraction()
+                 for p in (True, False)}
+        unit = "pairs" if data.paired else "examples"
+        print(f"    {unit}: {len(data.train)} train / {len(data.val)} val (dropped {data.stats['train']['dropped']}); "
+              f"padding waste packed {waste[True]:.1%}, padded {waste[False]:.1%} (this recipe: "
+              f"{'packed' if dpo.packing else 'padded'})")
 
 
 def _print_sizes(cfg, mcfg) -> None:

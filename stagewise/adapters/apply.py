@@ -21,6 +21,7 @@ Initialisations, as peft defines them (peft/tuners/lora/layer.py, eva.py; LoRA-G
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from typing import Callable, Iterable
@@ -127,6 +128,20 @@ def adapters(model: nn.Module) -> dict[str, LoRALinear]:
 # -- initialisation ---------------------------------------------------------------------------------
 
 @torch.no_grad()
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Every adapter of `model` switched off inside the block: the model computes its stage's starting
+    point (the base, or the original W for base-moving inits), e.g. as the DPO reference."""
+    layers = list(adapters(model).values())
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+
+
 def init_from_weights(layer: LoRALinear, init: str) -> None:
     """pissa / olora from the layer's own (unpacked) weight."""
     w = layer.base_weight(torch.float32)

@@ -75,6 +75,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device))
         self.lora_magnitude = nn.Parameter(torch.ones(self.out_features, device=device)) if dora else None
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.disabled = False  # adapters_disabled(): the layer as it was before training (a DPO reference)
         self.reset_lora("default")
 
     @property
@@ -170,6 +171,8 @@ class LoRALinear(nn.Module):
         return F.linear(x, w, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.initial_forward(x)
         result = self._base(x)
         xd = self.dropout(x)
         lora = F.linear(F.linear(xd, self.lora_A), self.lora_B) * self.scaling
@@ -181,6 +184,15 @@ class LoRALinear(nn.Module):
         else:
             plain = self._base(xd) if self.bias is None else self._base(xd) - self.bias.to(result.dtype)
         return result + (scale - 1) * plain + scale * lora.to(result.dtype)
+
+    def initial_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer before training: the base, plus the part a base-moving init (pissa, olora, lora-ga)
+        took out of W, s * B0 A0 (so that "adapters off" is the original layer, not the residual)."""
+        result = self._base(x)
+        if self.moves_base:
+            result = result + (F.linear(F.linear(x, self.lora_A0.to(x.dtype)), self.lora_B0.to(x.dtype))
+                               * self.scaling).to(result.dtype)
+        return result
 
     def fused_head_operands(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(h', W') with h' W'^T = this layer's output, for the fused loss on an adapted output head:

@@ -133,7 +133,7 @@ def _inherit_stage_sections(data: dict) -> dict:
     for stage in stages:
         if isinstance(stage, dict):
             stage = dict(stage)
-            for key in ("schedule", "optim", "sft"):
+            for key in ("schedule", "optim", "sft", "dpo"):
                 top, own = data.get(key) or {}, stage.get(key) or {}
                 if isinstance(top, dict) and isinstance(own, dict):
                     stage[key] = {**top, **own}
@@ -236,6 +236,8 @@ def check_consistency(cfg: RunConfig) -> None:
         _check_stages(cfg)
     elif cfg.kind == "sft":
         _check_sft(cfg.sft, "sft", cfg.init_from or cfg.data.tokenizer.path, "init_from")
+    elif cfg.kind == "dpo":
+        _check_dpo(cfg.dpo, "dpo", cfg.init_from, "init_from", cfg.adapter.kind != "none")
     elif not cfg.data.sources and not cfg.data.prepared:
         raise ConfigError("data.sources: expected at least one source (or set data.prepared to a prepared dataset)")
     for i, src in enumerate(cfg.data.sources):
@@ -265,6 +267,35 @@ def _check_sft(sft, where: str, has_tokenizer, init_key: str) -> None:
         if src.kind in ("jsonl", "parquet", "hf-dataset") and not src.path:
             raise ConfigError(f"{where}.data[{j}].path: required for kind {src.kind}")
     a = sft.arithmetic
+    if any(op not in ("add", "mul") for op in a.ops) or not a.ops:
+        raise ConfigError(f"{where}.arithmetic.ops: expected a non-empty list of add, mul; got {a.ops}")
+    if a.min_digits > a.max_digits:
+        raise ConfigError(f"{where}.arithmetic.min_digits: expected <= max_digits={a.max_digits}, got {a.min_digits}")
+
+
+def _check_dpo(dpo, where: str, has_model, init_key: str, adapter: bool) -> None:
+    if not dpo.data:
+        raise ConfigError(f"{where}.data: expected at least one preference source")
+    if not has_model:
+        raise ConfigError(f"{init_key}: a dpo stage needs a model to start from (init_from, or an earlier stage)")
+    for j, src in enumerate(dpo.data):
+        if src.kind in ("jsonl", "parquet", "hf-dataset") and not src.path:
+            raise ConfigError(f"{where}.data[{j}].path: required for kind {src.kind}")
+    free = dpo.loss in ("simpo", "orpo")
+    if free and dpo.reference not in ("auto", "none"):
+        raise ConfigError(f"{where}.reference: {dpo.loss} is reference-free; expected auto or none, got {dpo.reference}")
+    if not free and dpo.reference == "none":
+        raise ConfigError(f"{where}.reference: loss {dpo.loss} needs a reference (copy, adapters-off or precomputed); "
+                          "none is only for simpo and orpo")
+    if dpo.reference == "adapters-off" and not adapter:
+        raise ConfigError(f"{where}.reference: adapters-off needs an adapter stage (adapter.kind lora or dora); "
+                          "use copy or precomputed for full fine-tuning")
+    if dpo.reference_cache is not None and dpo.reference != "precomputed":
+        raise ConfigError(f"{where}.reference_cache: only used with reference: precomputed, got {dpo.reference}")
+    if dpo.sft_weight > 0 and dpo.loss in ("orpo", "kto"):
+        raise ConfigError(f"{where}.sft_weight: applies to the pair losses sigmoid, ipo, hinge, robust and simpo "
+                          f"(orpo has its own NLL term), got loss {dpo.loss}")
+    a = dpo.arithmetic
     if any(op not in ("add", "mul") for op in a.ops) or not a.ops:
         raise ConfigError(f"{where}.arithmetic.ops: expected a non-empty list of add, mul; got {a.ops}")
     if a.min_digits > a.max_digits:
@@ -315,6 +346,10 @@ def _check_stages(cfg: RunConfig) -> None:
                 raise ConfigError(f"{where}.mixture: an sft stage trains on its sft.data, not a mixture")
             _check_sft(st.sft, f"{where}.sft", i > 0 or st.init_from or cfg.data.tokenizer.path,
                        f"{where}.init_from")
+        elif st.kind == "dpo":
+            if st.mixture:
+                raise ConfigError(f"{where}.mixture: a dpo stage trains on its dpo.data, not a mixture")
+            _check_dpo(st.dpo, f"{where}.dpo", i > 0 or st.init_from, f"{where}.init_from", st.adapter.kind != "none")
         else:
             _check_mixture(cfg, i, st, where, domains)
         sch = st.schedule

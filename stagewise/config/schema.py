@@ -242,7 +242,7 @@ class SampleConfig:
     top_k: int = opt(50, "Keep only the k most likely tokens; 0 disables.", ge=0)
     top_p: float = opt(1.0, "Nucleus sampling: keep the smallest set with this much probability.", gt=0, le=1)
     chat: Optional[bool] = opt(None, "Render each prompt as a user turn with the tokenizer's chat template and stop "
-                               "at its end-of-turn tokens; null: when the last stage is sft.")
+                               "at its end-of-turn tokens; null: when the last stage is sft or dpo.")
 
 
 @dataclass
@@ -254,7 +254,7 @@ class DomainConfig:
                                "as its own dataset with the run's one tokenizer).")
 
 
-STAGE_KINDS = ["lm", "sft"]
+STAGE_KINDS = ["lm", "sft", "dpo"]
 CHAT_FORMATS = ["messages", "prompt-completion", "alpaca", "sharegpt"]
 
 
@@ -311,6 +311,63 @@ class SFTConfig:
     eval_max_new_tokens: int = opt(64, "Tokens generated per exact-match problem at most.", gt=0)
 
 
+PREFERENCE_LOSSES = ["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "kto"]
+
+
+@dataclass
+class PreferenceSourceConfig:
+    kind: str = opt("jsonl", "Where preference rows come from: JSONL or Parquet files, a local Hugging Face datasets "
+                    "directory (save_to_disk), or a built-in set: arithmetic (chosen = the right answer, rejected = "
+                    "a plausible wrong one; the dpo.arithmetic section) or python-docstrings (chosen = the real body, "
+                    "rejected = the body of another function of the same module).",
+                    choices=["jsonl", "parquet", "hf-dataset", "arithmetic", "python-docstrings"])
+    path: Optional[str] = opt(None, "File or directory (jsonl, parquet, hf-dataset).")
+    glob: Optional[str] = opt(None, "Filename pattern inside a directory; null takes every file of the kind.")
+    split: Optional[str] = opt(None, "hf-dataset only: the split of a DatasetDict (default train).")
+
+
+@dataclass
+class DPOConfig:
+    data: list[PreferenceSourceConfig] = opt([], "Preference sources (all used, in order): rows prompt/chosen/rejected "
+                                             "(paired), or prompt/completion/label (unpaired, for kto; paired rows "
+                                             "are split into one desirable and one undesirable example).")
+    loss: str = opt("sigmoid", "sigmoid (DPO, Rafailov et al. 2023), ipo (Azar et al. 2023, log-ratios averaged per "
+                    "token as TRL does), hinge (SLiC), robust (DPO under label noise label_noise, Chowdhury et al. "
+                    "2024), simpo (reference-free, length-normalised with margin simpo_gamma, Meng et al. 2024), "
+                    "orpo (reference-free odds ratio plus the chosen NLL, Hong et al. 2024), kto (unpaired, Ethayarajh "
+                    "et al. 2024). docs/dpo.md gives each formula.", choices=PREFERENCE_LOSSES)
+    beta: Optional[float] = opt(None, "beta of the loss (ORPO's lambda); null: 2.0 for simpo, 0.1 otherwise.", gt=0)
+    label_noise: float = opt(0.1, "robust: the assumed probability epsilon that a pair's labels are flipped.",
+                             ge=0, lt=0.5)
+    simpo_gamma: float = opt(1.0, "simpo: the target reward margin gamma (the paper's gamma / beta = 0.5 with beta 2).",
+                             ge=0)
+    desirable_weight: float = opt(1.0, "kto: weight of the desirable examples' losses.", gt=0)
+    undesirable_weight: float = opt(1.0, "kto: weight of the undesirable examples' losses.", gt=0)
+    sft_weight: float = opt(0.0, "Add this times the chosen response's per-token NLL (RPO, Pang et al. 2024); pair "
+                            "losses except orpo, which has its own.", ge=0)
+    reference: str = opt("auto", "The reference policy (stated by `stagewise plan`): copy (a frozen copy of the stage's "
+                         "start, stored in reference_dtype), adapters-off (a LoRA policy with its adapters switched "
+                         "off: no second copy), precomputed (reference log-probs computed once before step 1 and "
+                         "cached in data.cache_dir, keyed by the data and the reference weights' hash), none "
+                         "(simpo, orpo). auto: none for simpo/orpo, adapters-off for an adapter stage, else copy.",
+                         choices=["auto", "copy", "adapters-off", "precomputed", "none"])
+    reference_dtype: str = opt("auto", "Storage of a copy or precomputing reference's matmul weights: bf16 (half the "
+                               "memory of fp32; needs a bf16 compute precision) or fp32; auto: the stage's compute "
+                               "dtype.", choices=["auto", "bf16", "fp32"])
+    reference_cache: Optional[str] = opt(None, "precomputed: use this cache file (written by an earlier run); a file "
+                                         "made from other data or other reference weights is refused.")
+    packing: bool = opt(True, "Pack whole pairs into data.seq_len rows (attention kept inside each sequence); false: "
+                        "one sequence per row, padded to the longest of similar lengths.")
+    truncation: str = opt("truncate", "A prompt + response longer than data.seq_len + 1 tokens: cut the response's "
+                          "end, drop the pair, or stop with an error naming its row.",
+                          choices=["truncate", "drop", "error"])
+    val_fraction: float = opt(0.05, "File sources: fraction of rows held out for validation (by a hash of the row).",
+                              gt=0, lt=1)
+    arithmetic: ArithmeticConfig = opt(ArithmeticConfig, "The built-in arithmetic preferences.")
+    docstrings_max_body_chars: int = opt(4000, "python-docstrings: skip functions whose body is longer.", gt=0)
+    eval_generate: int = opt(64, "Built-in arithmetic: validation problems answered by greedy generation at every "
+                             "evaluation, reported as exact_match; 0 disables.", ge=0)
+    eval_max_new_tokens: int = opt(64, "Tokens generated per exact-match problem at most.", gt=0)
 
 
 @dataclass
@@ -351,7 +408,8 @@ class AdapterConfig:
 class StageConfig:
     name: str = opt("", "Stage name (forgetting.json, logs, RUN_DIR/stages/<name>/).")
     kind: str = opt("lm", "What the stage trains: lm (next-token prediction on its mixture) or sft (supervised "
-                    "fine-tuning on chat data, the stage's sft section; docs/sft.md).", choices=STAGE_KINDS)
+                    "fine-tuning on chat data, the stage's sft section; docs/sft.md) or dpo (preference optimisation, the "
+                    "stage's dpo section; docs/dpo.md).", choices=STAGE_KINDS)
     steps: Optional[int] = opt(None, "Optimizer steps of this stage (set steps or tokens).", gt=0)
     tokens: Optional[int] = opt(None, "Token budget of this stage, rounded up to whole steps (set steps or tokens).",
                                 gt=0)
@@ -371,6 +429,8 @@ class StageConfig:
                                    "exported model instead of the previous stage's final checkpoint.")
     sft: SFTConfig = opt(SFTConfig, "kind sft: the stage's data and loss; keys not given take the recipe's sft "
                          "section.")
+    dpo: DPOConfig = opt(DPOConfig, "kind dpo: the stage's preference data, loss and reference; keys not given take "
+                         "the recipe's dpo section.")
     adapter: AdapterConfig = opt(AdapterConfig, "The stage's adapters (docs/adapters.md); not inherited from the "
                                  "recipe's adapter section: each stage says its own.")
 
@@ -383,9 +443,9 @@ class RunConfig:
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N; under torchrun, auto and "
                       "cuda mean cuda:LOCAL_RANK.")
     threads: int = opt(0, "torch intra-op threads; 0 keeps torch's default. Bitwise resume needs the same count.", ge=0)
-    kind: str = opt("lm", "What the run trains: lm (pre-training on data.sources) or sft (supervised fine-tuning "
-                    "on chat data, the sft section; docs/sft.md). A recipe with stages sets it per stage.",
-                    choices=STAGE_KINDS)
+    kind: str = opt("lm", "What the run trains: lm (pre-training on data.sources), sft (supervised fine-tuning "
+                    "on chat data, the sft section; docs/sft.md) or dpo (preference optimisation, the dpo section; "
+                    "docs/dpo.md). A recipe with stages sets it per stage.", choices=STAGE_KINDS)
     init_from: Optional[str] = opt(
         None, "Start from these weights: a stagewise run, checkpoint or model directory, or a Hugging Face model "
         "directory (Llama, Mistral, Qwen2, Qwen3, Gemma 3). The architecture and tokenizer come from it (the "
@@ -401,6 +461,7 @@ class RunConfig:
     log: LogConfig = opt(LogConfig, "Progress display.")
     sample: SampleConfig = opt(SampleConfig, "Samples printed at the end of training.")
     sft: SFTConfig = opt(SFTConfig, "Supervised fine-tuning (kind sft; docs/sft.md).")
+    dpo: DPOConfig = opt(DPOConfig, "Preference optimisation (kind dpo; docs/dpo.md).")
     adapter: AdapterConfig = opt(AdapterConfig, "Parameter-efficient fine-tuning: LoRA / DoRA adapters on a frozen, "
                                  "optionally quantized base (docs/adapters.md).")
     stages: list[StageConfig] = opt(

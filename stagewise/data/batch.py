@@ -24,7 +24,9 @@ class Batch:
     positions: Optional[torch.Tensor] = None       # [B, T] RoPE positions (restart per packed document)
     doc_ids: Optional[torch.Tensor] = None         # [B, T] document of each token (block-causal attention)
     weights: Optional[torch.Tensor] = None         # [B] per-example loss weights
-    ref_logprobs: Optional[torch.Tensor] = None    # [B, T] log-probs of a reference model
+    ref_logprobs: Optional[torch.Tensor] = None    # [B, T] log-probs of a reference model; [S] per sequence
+    seq_ids: Optional[torch.Tensor] = None         # [B, T] sequence of each trained target (-1: none); preferences
+    labels: Optional[torch.Tensor] = None          # [U] per unit of sequences 2u, 2u+1: 1 pair/desirable, 0 not
     old_logprobs: Optional[torch.Tensor] = None    # [B, T] log-probs of the policy that sampled the batch
     advantages: Optional[torch.Tensor] = None      # [B] or [B, T]
 

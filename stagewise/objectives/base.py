@@ -8,7 +8,8 @@ micro-batches hold different numbers of targets (masked SFT prompts, packed docu
 step never has to wait for the device to learn it.
 
 Metrics are sums too (e.g. of per-token probabilities); the step divides them by the same
-normaliser and metrics.jsonl records them under the objective's own names.
+normaliser, or by their own summed count where the objective gives one (a mean over a subset of
+the units), and metrics.jsonl records them under the objective's own names.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ class ObjectiveOutput(NamedTuple):
     loss_sum: torch.Tensor    # scalar fp32, summed over what the objective counts
     normaliser: torch.Tensor  # 0-d int64 on the batch's device: counting does not wait for it
     metrics: dict = {}        # name -> 0-d tensor, a sum over the same units as loss_sum
+    counts: dict = {}         # name -> 0-d tensor: that metric is a sum over these items instead (a mean
+    #                           over a subset, e.g. kto's desirable examples); 0 when a step has none
 
 
 class Objective(Protocol):

@@ -3,6 +3,7 @@
   lm    next-token prediction on token windows: a plain recipe's one dataset, or a staged
         recipe's domain mixture with replay (docs/continual.md)
   sft   supervised fine-tuning on chat conversations (train/sft_kind.py, docs/sft.md)
+  dpo   preference optimisation on pairs, with its reference (train/dpo_kind.py, docs/dpo.md)
 
 `RunData` is what the runner has prepared before any stage is built: the run's tokenizer and
 the data every stage kind needs (token datasets per domain; encoded conversations for SFT).
@@ -30,7 +31,7 @@ class RunData:
     tokenizer: Tokenizer
     run_dir: Path
     datasets: dict = field(default_factory=dict)   # domain name -> TokenDataset ("" for a plain recipe)
-    chat: dict = field(default_factory=dict)       # stage name -> encoded SFT data (train/sft_kind.py)
+    chat: dict = field(default_factory=dict)       # stage name -> encoded SFT data; "dpo:<name>" -> preferences
     staged: bool = False
 
     def domain_evaluator(self, names, trained, objective, cfg: RunConfig):
@@ -80,7 +81,13 @@ def _sft_stage(run: RunData, index: int, start: int) -> Stage:
     return sft_stage(run, index, start)
 
 
-STAGE_KINDS = {"lm": lm_stage, "sft": _sft_stage}
+def _dpo_stage(run: RunData, index: int, start: int) -> Stage:
+    from stagewise.train.dpo_kind import dpo_stage
+
+    return dpo_stage(run, index, start)
+
+
+STAGE_KINDS = {"lm": lm_stage, "sft": _sft_stage, "dpo": _dpo_stage}
 
 
 def build_stage(run: RunData, index: int, start: int) -> Stage:

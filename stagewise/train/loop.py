@@ -96,6 +96,10 @@ def fit(stage: Stage, mcfg: ModelConfig, device: torch.device, checkpoint: Path 
     """Train `stage` from `checkpoint` (None: from its start) to its end; returns the model, or None
     when the checkpoint is already at the stage's end."""
     cfg = stage.cfg
+    if stage.prepare is not None:  # before the policy exists: a precompute's temporary copy is the only model
+        from stagewise.precision import build_precision
+
+        stage.prepare(device, build_precision(cfg.precision, device, 0), log)
     data = None
     if cfg.adapter.kind != "none" and cfg.adapter.init in ("eva", "lora-ga"):
         from stagewise.adapters import init_data
@@ -118,6 +122,8 @@ def fit(stage: Stage, mcfg: ModelConfig, device: torch.device, checkpoint: Path 
         from stagewise.adapters.sizes import adapter_flops_per_token
 
         fpt = adapter_flops_per_token(mcfg, cfg.adapter, stage.flops_seq_len)
+    if stage.reference_forward:  # a reference forward per step: a third of the 6N + attention of training
+        fpt += flops_per_token(mcfg, stage.flops_seq_len) // 3
     steplog = StepLog(stage, MetricsLog(stage.run_dir / rundir.METRICS, resume_step=counters.step if checkpoint else 0),
                       Progress(stage.end(), counters.step, cfg.log.progress, cfg.log.every), counters, fpt,
                       peak_flops(device, trainee.precision.gemm_dtype))

@@ -247,7 +247,7 @@ def _finish(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, model, tokenizer, 
     model.eval()
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     s = cfg.sample
-    chat = s.chat if s.chat is not None else plan.stage_kind(cfg, plan.n_stages(cfg) - 1) == "sft"
+    chat = s.chat if s.chat is not None else plan.stage_kind(cfg, plan.n_stages(cfg) - 1) in ("sft", "dpo")
     for prompt in s.prompts:
         ids, stop = prompt_and_stop(tokenizer, prompt, chat)
         out = generate(model, ids, s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,

@@ -1,6 +1,6 @@
 """One stage as the loop drives it, whatever its kind.
 
-A stage kind (train/kinds.py: `lm`, `sft`; later `dpo`, `rl`) assembles a `Stage` from the
+A stage kind (train/kinds.py: `lm`, `sft`, `dpo`; later `rl`) assembles a `Stage` from the
 recipe: its batch source, its objective, its evaluation, its LR schedule over its own steps and
 what it starts from. The loop (train/loop.py) only calls the methods below, so adding a kind
 never adds a branch there. Steps are numbered globally across stages: stage i runs from its
@@ -42,6 +42,9 @@ class Stage:
     triggerable: bool = False          # RUN_DIR/COOLDOWN may trigger that cooldown
     report_index: bool = False         # metrics carry "stage": index (staged recipes)
     extra_metrics: Callable = dict     # () -> metrics of the stage beside the source's
+    prepare: Optional[Callable] = None  # (device, precision, log) before the model is built, on every start and
+    #                                     resume: what the stage needs first (dpo: its reference)
+    reference_forward: bool = False    # every step also runs a reference forward (counted in MFU)
 
     def end(self) -> int:
         """Global step at which the stage ends: its budget, or the end of a triggered cooldown."""

@@ -48,8 +48,9 @@ def domain_sources(cfg: RunConfig) -> dict:
 
 
 def forgetting_domains(cfg: RunConfig) -> list[str]:
-    """The columns of forgetting.json: every pre-training domain, then every SFT stage's own data."""
-    return list(domain_sources(cfg)) + [s.name for s in cfg.stages if s.kind == "sft"]
+    """The columns of forgetting.json: every pre-training domain, then every sft and dpo stage's own data
+    (a dpo column is its validation preference loss)."""
+    return list(domain_sources(cfg)) + [s.name for s in cfg.stages if s.kind in ("sft", "dpo")]
 
 
 def seen_domains(cfg: RunConfig, index: int) -> list[str]:

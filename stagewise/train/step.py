@@ -56,7 +56,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, precisi
         group["lr"] = lr * group.get("lr_scale", 1.0)
     optimizer.zero_grad(set_to_none=True)
 
-    loss_sum, metric_sums = None, {}
+    loss_sum, metric_sums, metric_counts = None, {}, {}
     for mb in micro_batches:
         with precision.autocast():
             out = objective(model, mb)
@@ -66,11 +66,15 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, precisi
         for name, value in out.metrics.items():
             value = value.detach().float()
             metric_sums[name] = value if name not in metric_sums else metric_sums[name] + value
+        for name, value in out.counts.items():
+            value = value.detach().float()
+            metric_counts[name] = value if name not in metric_counts else metric_counts[name] + value
 
     precision.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     # max_norm=inf measures the norm without clipping, so grad_norm is always reported.
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     applied = precision.step(optimizer, grad_norm)
-    metrics = {n: v.double() / total for n, v in metric_sums.items()}
+    metrics = {n: v.double() / (metric_counts[n].double().clamp(min=1) if n in metric_counts else total)
+               for n, v in metric_sums.items()}
     return StepResult(loss_sum.double() / total, grad_norm, total, applied, metrics)
