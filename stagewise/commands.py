@@ -98,6 +98,10 @@ def _eval_tokens(args, tok, run_meta_dir: Path):
         import json
 
         spec = json.loads(info.read_text())["dataset"]
+        if spec is None:
+            raise ConfigError("--data: required for this run: it trained on chat or preference data only (kind sft "
+                              "or dpo), so it has no token validation split; give a prepared dataset, a built-in "
+                              "corpus or a file")
     p = Path(spec)
     if (p / "manifest.json").is_file():
         ds = open_dataset(p, expect_tokenizer_sha=tok.sha256)

@@ -416,3 +416,49 @@ def _chatml_tokenizer():
     from stagewise.data.tokenizer import train_bpe
 
     return train_bpe(["q0 q1 answer 0 1 2 3 4 5 user assistant system hello " * 50], 300)
+
+
+def test_step_divides_a_counted_metric_by_its_own_count():
+    """kto's rewards/chosen is a mean over desirable examples: the step sums them and their count over
+    the micro-batches and divides the two, not by the step's normaliser."""
+    from stagewise.config.schema import PrecisionConfig
+    from stagewise.data.batch import Batch
+    from stagewise.objectives.base import ObjectiveOutput
+    from stagewise.precision import build_precision
+    from stagewise.train.step import train_step
+
+    w = torch.nn.Parameter(torch.ones(()))
+
+    class Obj:
+        def count(self, b):
+            return int(b.labels.numel())
+
+        def __call__(self, model, b):
+            want = b.labels
+            value = b.inputs.float().reshape(-1)[: want.numel()]
+            return ObjectiveOutput((w * value).sum(), torch.tensor(want.numel()),
+                                   {"m": (value * want).sum(), "plain": value.sum()}, {"m": want.sum()})
+
+    opt = torch.optim.SGD([w], lr=0.0)
+    prec = build_precision(PrecisionConfig(mode="fp32"), torch.device("cpu"), 0)
+    mbs = [Batch(torch.tensor([[2, 4, 6]]), torch.zeros(1, 3, dtype=torch.long), labels=torch.tensor([1., 0., 1.])),
+           Batch(torch.tensor([[10, 20]]), torch.zeros(1, 2, dtype=torch.long), labels=torch.tensor([0., 1.]))]
+    res = train_step(torch.nn.Module(), opt, prec, Obj(), mbs, 0.0, 0.0).host()
+    assert res.metrics["m"] == pytest.approx((2 + 6 + 20) / 3) and res.metrics["plain"] == pytest.approx(42 / 5)
+
+
+def test_docstring_preferences_reject_another_body_of_the_same_module():
+    from stagewise.data.builtin_chat import python_docstring_conversations
+    from stagewise.data.preference import docstring_rows
+
+    modules = ["textwrap.py", "json/decoder.py"]
+    convs = python_docstring_conversations(modules=modules)
+    bodies = {c["module"]: set() for c in convs}
+    for c in convs:
+        bodies[c["module"]].add(c["messages"][1]["content"])
+    rows = list(docstring_rows(4000, modules))
+    assert len(rows) == len(convs)  # both modules have several functions: every one gets a pair
+    for _, r in rows:
+        chosen, rejected = r.first[0]["content"], r.second[0]["content"]
+        assert chosen != rejected and rejected in bodies[r.extra["module"]]
+    assert list(docstring_rows(4000, modules)) == rows  # deterministic

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from conftest import run_cli, tiny_recipe
 from stagewise.rundir import read_metrics
 
-TIMING = {"tokens_per_s", "mfu", "step_time_s", "peak_mem_bytes"}
+TIMING = {"tokens_per_s", "mfu", "step_time_s", "peak_mem_bytes", "pairs_per_s", "examples_per_s"}
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,7 @@ def test_dpo_resume_is_bitwise_also_after_a_kill_during_the_precompute(tmp_path,
                 "logps/rejected"):
         assert key in first
     assert abs(first["rewards/margins"] - (first["rewards/chosen"] - first["rewards/rejected"])) < 1e-9
+    assert first["pairs_per_s"] > 0 and first["rewards/accuracies"] == 0  # no reward is above another yet
     assert {"val_loss", "val_rewards/accuracies", "val_rewards/margins", "exact_match"} <= set(last)
 
     proc = run_cli("run", recipe, "--name=killed", env={"STAGEWISE_DEBUG_KILL_AT_STEP": "6"}, check=False)
@@ -122,6 +123,10 @@ def test_copy_and_precomputed_references_agree_and_lora_uses_no_copy(tmp_path, b
     lora = read_metrics(tmp_path / "runs" / "lora" / "metrics.jsonl")
     assert abs(lora[0]["loss"] - 0.693147) < 1e-4 and lora[-1]["rewards/accuracies"] >= 0
     assert re.search(r"reference: copy .*fp32", run_cli("plan", recipe).stdout)
+    run_cli("run", recipe, "--name=kto", "--dpo.loss=kto", "--train.steps=3", "--eval.every=0")
+    kto = read_metrics(tmp_path / "runs" / "kto" / "metrics.jsonl")
+    assert abs(kto[0]["loss"] - 0.5) < 1e-4  # 1 - sigmoid(0) per example while the policy is the reference
+    assert {"kto/kl", "rewards/chosen", "rewards/rejected", "val_kto/kl"} <= set(kto[-1])
 
 
 @pytest.mark.slow

@@ -238,13 +238,14 @@ def _render_value(p, value: int) -> str:
     return "\n".join(steps + [f"answer: {value}"])
 
 
-def docstring_rows(max_body_chars: int) -> Iterator[tuple[str, PreferenceRow]]:
+def docstring_rows(max_body_chars: int, modules=None) -> Iterator[tuple[str, PreferenceRow]]:
     """(split, row) of the built-in docstring preferences: the real body against another function's
-    body from the same module (chosen by a hash of the function's id, never an identical body)."""
+    body from the same module (chosen by a hash of the function's id, never an identical body).
+    modules: restrict to these stdlib paths (tests)."""
     from stagewise.data.builtin_chat import python_docstring_conversations
 
     by_module: dict = {}
-    for c in python_docstring_conversations(max_body_chars=max_body_chars):
+    for c in python_docstring_conversations(max_body_chars=max_body_chars, modules=modules):
         by_module.setdefault(c["module"], []).append(c)
     for convs in by_module.values():
         for c in convs:

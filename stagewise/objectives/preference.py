@@ -114,6 +114,7 @@ class Preference:
         self.loss, self.beta, self.reference = loss, beta if beta is not None else default_beta(loss), reference
         self.label_noise, self.gamma, self.sft_weight = label_noise, simpo_gamma, sft_weight
         self.weights = (desirable_weight, undesirable_weight)
+        self.unit = "examples" if loss == "kto" else "pairs"  # metrics.jsonl: pairs_per_s / examples_per_s
 
     def count(self, batch: Batch) -> int:
         return int(batch.labels.numel())

@@ -83,6 +83,9 @@ class StepLog:
         record = {"step": record["step"], "tokens": record["tokens"], "loss": r.loss, "lr": record["lr"],
                   "grad_norm": r.grad_norm, "tokens_per_s": tok_s, "mfu": mfu(self.fpt, tok_s, self.peak),
                   "peak_mem_bytes": record["mem"], "step_time_s": dt, **record["extra"], **r.metrics}
+        unit = getattr(self.stage.objective, "unit", None)  # what the normaliser counts, when not tokens
+        if unit:
+            record[f"{unit}_per_s"] = r.num_targets / dt
         if not r.applied:
             record["skipped"] = True
             self.progress.message(f"step {record['step']}: non-finite gradient (norm {r.grad_norm}); update skipped")
