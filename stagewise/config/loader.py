@@ -266,11 +266,14 @@ def _check_sft(sft, where: str, has_tokenizer, init_key: str) -> None:
     for j, src in enumerate(sft.data):
         if src.kind in ("jsonl", "parquet", "hf-dataset") and not src.path:
             raise ConfigError(f"{where}.data[{j}].path: required for kind {src.kind}")
-    a = sft.arithmetic
+    _check_arithmetic(sft.arithmetic, f"{where}.arithmetic")
+
+
+def _check_arithmetic(a, where: str) -> None:
     if any(op not in ("add", "mul") for op in a.ops) or not a.ops:
-        raise ConfigError(f"{where}.arithmetic.ops: expected a non-empty list of add, mul; got {a.ops}")
+        raise ConfigError(f"{where}.ops: expected a non-empty list of add, mul; got {a.ops}")
     if a.min_digits > a.max_digits:
-        raise ConfigError(f"{where}.arithmetic.min_digits: expected <= max_digits={a.max_digits}, got {a.min_digits}")
+        raise ConfigError(f"{where}.min_digits: expected <= max_digits={a.max_digits}, got {a.min_digits}")
 
 
 def _check_dpo(dpo, where: str, has_model, init_key: str, adapter: bool) -> None:
@@ -295,11 +298,7 @@ def _check_dpo(dpo, where: str, has_model, init_key: str, adapter: bool) -> None
     if dpo.sft_weight > 0 and dpo.loss in ("orpo", "kto"):
         raise ConfigError(f"{where}.sft_weight: applies to the pair losses sigmoid, ipo, hinge, robust and simpo "
                           f"(orpo has its own NLL term), got loss {dpo.loss}")
-    a = dpo.arithmetic
-    if any(op not in ("add", "mul") for op in a.ops) or not a.ops:
-        raise ConfigError(f"{where}.arithmetic.ops: expected a non-empty list of add, mul; got {a.ops}")
-    if a.min_digits > a.max_digits:
-        raise ConfigError(f"{where}.arithmetic.min_digits: expected <= max_digits={a.max_digits}, got {a.min_digits}")
+    _check_arithmetic(dpo.arithmetic, f"{where}.arithmetic")
 
 
 def _check_mixture(cfg: RunConfig, i: int, st, where: str, domains: dict) -> None:

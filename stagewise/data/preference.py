@@ -44,7 +44,7 @@ import torch
 from stagewise.data.batch import IGNORE_INDEX, Batch
 from stagewise.data.chat import ChatTemplate, require_template
 from stagewise.data.conversations import _messages, _row_sources
-from stagewise.data.sft_data import Example, row_split
+from stagewise.data.sft_data import Example, fit_length, row_split
 from stagewise.data.tokenizer import Tokenizer
 from stagewise.errors import DataError
 
@@ -286,16 +286,9 @@ def encode_response(tokenizer: Tokenizer, template: ChatTemplate, prompt: list, 
 
 
 def fit_sequence(ex: Example, seq_len: int, policy: str, key: str) -> Optional[Example]:
-    """ex within seq_len tokens per dpo.truncation; None when dropped or nothing trained is left."""
-    if len(ex.inputs) <= seq_len:
-        return ex
-    if policy == "error":
-        raise DataError(f"{ex.source}: the {key} sequence is {len(ex.inputs) + 1} tokens, longer than data.seq_len + 1 "
-                        f"= {seq_len + 1}; raise data.seq_len or set dpo.truncation to truncate or drop")
-    if policy == "drop":
-        return None
-    cut = Example(ex.inputs[:seq_len], ex.targets[:seq_len], ex.source)
-    return cut if (cut.targets != IGNORE_INDEX).any() else None
+    """ex within seq_len tokens per dpo.truncation (cutting the response's end); None when dropped or
+    nothing trained is left."""
+    return fit_length(ex, seq_len, policy, f"the {key} sequence", "dpo")
 
 
 def load_preference_data(dpo, tokenizer: Tokenizer, seq_len: int, where: str = "dpo",

@@ -83,14 +83,16 @@ def encode(tokenizer: Tokenizer, template: ChatTemplate, conv: Conversation, tra
     return Example(ids[:-1], targets, conv.source)
 
 
-def fit_length(ex: Example, seq_len: int, policy: str) -> Optional[Example]:
+def fit_length(ex: Example, seq_len: int, policy: str, what: str = "the conversation",
+               section: str = "sft") -> Optional[Example]:
     """The example within seq_len tokens per `policy` (truncate / drop / error); None when dropped or
-    when truncation leaves nothing to train on."""
+    when truncation leaves nothing to train on. what / section name it in the error (the <section>.truncation
+    key decides)."""
     if len(ex.inputs) <= seq_len:
         return ex
     if policy == "error":
-        raise DataError(f"{ex.source}: the conversation is {len(ex.inputs) + 1} tokens, longer than data.seq_len + 1 "
-                        f"= {seq_len + 1}; raise data.seq_len or set sft.truncation to truncate or drop")
+        raise DataError(f"{ex.source}: {what} is {len(ex.inputs) + 1} tokens, longer than data.seq_len + 1 "
+                        f"= {seq_len + 1}; raise data.seq_len or set {section}.truncation to truncate or drop")
     if policy == "drop":
         return None
     cut = Example(ex.inputs[:seq_len], ex.targets[:seq_len], ex.source)
