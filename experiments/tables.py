@@ -26,6 +26,7 @@ EXPERIMENTS = {
     "cpt_optimizer_state": ("cpt_replay", "State"),
     "sft_arithmetic": ("sft_arithmetic", None),
     "lora_variants": ("lora_variants", None),
+    "dpo_sft_budget": ("dpo_sft_budget", None),
 }
 
 
