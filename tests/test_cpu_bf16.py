@@ -155,3 +155,15 @@ def test_compiled_emulated_linear_keeps_fp32_gemms():
     assert not bf16_mm, [e.cpu_parent.name for e in bf16_mm]
     for a, b in zip(eager, compiled):
         assert a.dtype == b.dtype and torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-3)
+
+
+def test_emulation_writes_out_arguments():
+    """torch.mm(..., out=t) under the emulation fills t (TRL's log-prob head writes its logits tiles so)."""
+    from stagewise.precision.cpu_bf16 import BF16GemmEmulation
+
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    out = torch.zeros(4, 3, dtype=torch.bfloat16)
+    with BF16GemmEmulation():
+        r = torch.mm(a.bfloat16(), b.bfloat16(), out=out)
+    assert r is out
+    assert torch.equal(out, (a.bfloat16().float() @ b.bfloat16().float()).bfloat16())

@@ -244,6 +244,11 @@ def test_sequence_logps_packed_and_padded_equal_full_logits():
     packed_batch = _batch(units, rows, 64, 0, None, index, True)
     packed = sequence_logps(model, packed_batch)[0]
     assert torch.allclose(padded, want, atol=1e-4) and torch.allclose(packed, want, atol=1e-4)
+    import dataclasses
+
+    every_row = sequence_logps(model, dataclasses.replace(packed_batch, target_rows=None))[0]
+    assert torch.allclose(every_row, packed, atol=1e-5)  # scoring only the trained rows changes nothing
+    assert packed_batch.target_rows.numel() == int((packed_batch.seq_ids >= 0).sum())
     assert packed_batch.inputs.shape == (2, 64) and padded_batch(units, 64, 0).inputs.shape[0] == 10
 
 

@@ -27,6 +27,7 @@ class Batch:
     ref_logprobs: Optional[torch.Tensor] = None    # [B, T] log-probs of a reference model; [S] per sequence
     seq_ids: Optional[torch.Tensor] = None         # [B, T] sequence of each trained target (-1: none); preferences
     labels: Optional[torch.Tensor] = None          # [U] per unit of sequences 2u, 2u+1: 1 pair/desirable, 0 not
+    target_rows: Optional[torch.Tensor] = None     # [N] flat indices (into B*T) of the trained targets, from the CPU
     old_logprobs: Optional[torch.Tensor] = None    # [B, T] log-probs of the policy that sampled the batch
     advantages: Optional[torch.Tensor] = None      # [B] or [B, T]
 

@@ -26,7 +26,9 @@ Built-in, verifiable preference sets:
 
 Batches (`Batch` with seq_ids and labels): sequence 2u and 2u + 1 of a micro-batch are unit u's;
 seq_ids [B, T] names the sequence of every trained target token (-1 elsewhere); labels [U] is
-1.0 for a pair or a desirable example, 0.0 for an undesirable one. Packed: whole units are put
+1.0 for a pair or a desirable example, 0.0 for an undesirable one; target_rows lists the trained
+positions (computed here, on the CPU, so the step never waits for the device to find them), the
+only rows the output head scores. Packed: whole units are put
 into train.batch_size rows of data.seq_len tokens (each sequence its own document: attention and
 positions as SFT packing); padded: a micro-batch is train.batch_size units, one sequence per row.
 """
@@ -383,7 +385,8 @@ def _batch(units: Sequence[Unit], rows: list[list[tuple[int, int]]], width: int,
         positions[r, at:], doc_ids[r, at:] = np.arange(width - at), len(row)
     labels = torch.tensor([u.label for u in units], dtype=torch.float32)
     fields = {"inputs": torch.from_numpy(inputs), "targets": torch.from_numpy(targets),
-              "seq_ids": torch.from_numpy(seq_ids), "labels": labels}
+              "seq_ids": torch.from_numpy(seq_ids), "labels": labels,
+              "target_rows": torch.from_numpy(np.flatnonzero(seq_ids.reshape(-1) >= 0))}
     if packed:
         fields |= {"positions": torch.from_numpy(positions), "doc_ids": torch.from_numpy(doc_ids)}
     if ref is not None:

@@ -334,11 +334,16 @@ class Transformer(nn.Module):
         return self.loss(h, targets)
 
     def token_logprobs(self, tokens: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor | None = None,
-                       doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                       doc_ids: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
         """log p(targets[b, t] | tokens[b, :t + 1]) as fp32 [B, T], 0.0 where targets is IGNORE_INDEX;
         differentiable per token (preference and policy-gradient objectives weight each one).
-        Fused with the output head as forward(targets=...) is; positions/doc_ids as in forward."""
+        Fused with the output head as forward(targets=...) is; positions/doc_ids as in forward.
+        rows: flat indices into B * T of the only positions to score (the trained ones): the head then
+        runs on those rows alone and the result is [1, len(rows)], in their order."""
         h = self._trunk(tokens, None, positions, doc_ids)
+        if rows is not None:  # a short response under a large vocabulary: most positions need no head
+            h = h.flatten(0, 1).index_select(0, rows)[None]
+            targets = targets.flatten().index_select(0, rows)[None]
         dtype = self._fused_head_dtype(h)
         if dtype is not None:
             out = linear_token_logprobs(h.flatten(0, 1), self.output.weight, targets.flatten(), dtype)

@@ -46,14 +46,21 @@ def default_beta(loss: str) -> float:
 
 
 def sequence_logps(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-probs [S], trained tokens [S]) of the S = 2U sequences of a preference batch."""
-    lp = model.token_logprobs(batch.inputs, batch.targets, **packing_kwargs(batch))
-    ids = batch.seq_ids.reshape(-1)
-    keep = ids >= 0
+    """(summed log-probs [S], trained tokens [S]) of the S = 2U sequences of a preference batch. With
+    batch.target_rows the output head scores only the trained positions (responses are often a few
+    tokens of a long row, and the head over a large vocabulary is most of a small model's step)."""
     S = 2 * batch.labels.numel()
-    logps = torch.zeros(S, dtype=torch.float32, device=lp.device).index_add(0, ids[keep], lp.reshape(-1)[keep])
-    lens = torch.zeros(S, dtype=torch.float32, device=lp.device).index_add(
-        0, ids[keep], torch.ones_like(lp.reshape(-1)[keep]))
+    if batch.target_rows is not None:
+        rows = batch.target_rows
+        lp = model.token_logprobs(batch.inputs, batch.targets, rows=rows, **packing_kwargs(batch)).reshape(-1)
+        ids = batch.seq_ids.reshape(-1).index_select(0, rows)
+    else:
+        lp = model.token_logprobs(batch.inputs, batch.targets, **packing_kwargs(batch)).reshape(-1)
+        ids = batch.seq_ids.reshape(-1)
+        keep = ids >= 0
+        lp, ids = lp[keep], ids[keep]
+    logps = torch.zeros(S, dtype=torch.float32, device=lp.device).index_add(0, ids, lp)
+    lens = torch.zeros(S, dtype=torch.float32, device=lp.device).index_add(0, ids, torch.ones_like(lp))
     return logps, lens
 
 

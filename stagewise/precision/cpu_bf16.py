@@ -114,14 +114,20 @@ class BF16GemmEmulation(TorchFunctionMode):
                 return x.to(torch.bfloat16).float()  # autocast's rounding of fp32 inputs; exact for bf16
             return x
 
+        dest = kwargs.pop("out", None)  # out=: computed like any call, then written where the caller asked
         with torch.autocast("cpu", enabled=False):
             if func is F.linear:
                 x, w, b = _linear_args(args, kwargs)
                 return emulated_linear(*(None if t is None else t.to(torch.bfloat16) for t in (x, w, b)))
             args, kwargs = tree_map(widen, (args, kwargs))
             out = func(*args, **kwargs)
-        return tree_map(lambda y: y.to(torch.bfloat16) if isinstance(y, torch.Tensor) and y.is_floating_point() else y,
-                        out)
+        out = tree_map(lambda y: y.to(torch.bfloat16) if isinstance(y, torch.Tensor) and y.is_floating_point() else y,
+                       out)
+        if dest is None:
+            return out
+        with torch.no_grad():
+            dest.copy_(out)
+        return dest
 
 
 def _linear_args(args, kwargs):
