@@ -232,7 +232,8 @@ def prepare_data(config: str) -> dict:
     from stagewise.config.loader import from_dict
     from stagewise.config.schema import DPOConfig
     from stagewise.data.chat import require_template
-    from stagewise.data.preference import PreferenceSource, arithmetic_rows, docstring_rows, load_preference_data
+    from stagewise.data.preference import arithmetic_rows, docstring_rows, load_preference_data
+    from stagewise.data.preference_batches import PreferenceSource
     from stagewise.data.sft_data import row_split
     from stagewise.data.tokenizer import Tokenizer
 

@@ -111,7 +111,8 @@ def policy_preference(model_dir, seed: int, cache: dict) -> dict:
     from stagewise import rundir
     from stagewise.config.schema import ArithmeticConfig, DPOConfig, PreferenceSourceConfig
     from stagewise.data import Tokenizer
-    from stagewise.data.preference import load_preference_data, padded_batch
+    from stagewise.data.preference import load_preference_data
+    from stagewise.data.preference_batches import padded_batch
     from stagewise.model import Transformer
     from stagewise.objectives.preference import sequence_logps
 

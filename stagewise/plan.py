@@ -281,10 +281,11 @@ def _print_dpo(cfg, mcfg, mem: dict, init) -> None:
         if tok_file is None:
             print("    pairs: known once the tokenizer exists (it is trained on stage 0's data when the run starts)")
             continue
-        from stagewise.data.preference import PreferenceSource, load_preference_data
+        from stagewise.data.preference import load_preference_data
+        from stagewise.data.preference_batches import PreferenceSource
 
-        data = load_preference_data(dpo, Tokenizer.load(tok_file), T, where, log=lambda m: None)
         tok = Tokenizer.load(tok_file)
+        data = load_preference_data(dpo, tok, T, where, log=lambda m: None)
         waste = {p: PreferenceSource(data.train, T, max(B, 2), cfg.seed, tok.eos_id, p).padding_fraction()
                  for p in (True, False)}
         unit = "pairs" if data.paired else "examples"

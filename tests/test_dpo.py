@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from stagewise.config.schema import ModelConfig
 from stagewise.data.batch import IGNORE_INDEX
-from stagewise.data.preference import (PreferenceSource, Unit, arithmetic_rows, pack_units, padded_batch,
-                                       row_from_dict, wrong_answer)
+from stagewise.data.preference import Unit, arithmetic_rows, row_from_dict, wrong_answer
+from stagewise.data.preference_batches import PreferenceSource, pack_units, padded_batch
 from stagewise.data.sft_data import Example
 from stagewise.errors import DataError
 from stagewise.model import Transformer
@@ -239,7 +239,7 @@ def test_sequence_logps_packed_and_padded_equal_full_logits():
     padded = sequence_logps(model, padded_batch(units, 64, 0))[0]
     index, rows = pack_units([u.lengths() for u in units], list(range(len(units))), 2, 64)[0]
     assert index == list(range(len(units)))  # 5 units of <= 40 tokens fit two 64-token rows
-    from stagewise.data.preference import _batch
+    from stagewise.data.preference_batches import _batch
 
     packed_batch = _batch(units, rows, 64, 0, None, index, True)
     packed = sequence_logps(model, packed_batch)[0]

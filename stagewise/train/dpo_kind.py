@@ -35,7 +35,8 @@ import torch.nn as nn
 from stagewise import rundir
 from stagewise.data.arithmetic import Problem
 from stagewise.data.packing import eval_rows
-from stagewise.data.preference import PreferenceSource, eval_batches, load_preference_data, padded_batch
+from stagewise.data.preference import load_preference_data
+from stagewise.data.preference_batches import PreferenceSource, eval_batches, padded_batch
 from stagewise.errors import ConfigError, DataError
 from stagewise.eval import evaluate
 from stagewise.model import Transformer
