@@ -1,0 +1,1 @@
+"""RL with verifiable rewards: tasks, rollouts, the policy-gradient objective."""
