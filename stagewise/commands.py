@@ -56,7 +56,6 @@ def _device(name: str):
 def cmd_sample(args, extra) -> int:
     import torch
 
-    from stagewise.generate import generate
     from stagewise.rundir import load_model
 
     if args.max_new_tokens <= 0:
@@ -74,9 +73,12 @@ def cmd_sample(args, extra) -> int:
     # --chat: the prompt is a user turn of the model's chat template; otherwise a document's start
     # (with BOS where the model's tokenizer adds one, as Gemma's does)
     prompt_ids, stop = prompt_and_stop(tok, args.prompt, args.chat)
-    for i in range(args.num_samples):
-        ids = generate(model, prompt_ids, args.max_new_tokens, temperature=temperature, top_k=args.top_k,
-                       top_p=args.top_p, eos_id=stop, generator=gen)
+    from stagewise.generate.engine import generate_batch
+
+    # All samples in one batch of the generation engine (one KV cache, one forward per token).
+    samples = generate_batch(model, [prompt_ids] * args.num_samples, args.max_new_tokens, temperature=temperature,
+                             top_k=args.top_k, top_p=args.top_p, stop_ids=stop, generator=gen).tokens
+    for i, ids in enumerate(samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         print(tok.decode(ids) if args.chat else args.prompt + tok.decode(ids), flush=True)

@@ -133,7 +133,7 @@ def _inherit_stage_sections(data: dict) -> dict:
     for stage in stages:
         if isinstance(stage, dict):
             stage = dict(stage)
-            for key in ("schedule", "optim", "sft", "dpo"):
+            for key in ("schedule", "optim", "sft", "dpo", "rl"):
                 top, own = data.get(key) or {}, stage.get(key) or {}
                 if isinstance(top, dict) and isinstance(own, dict):
                     stage[key] = {**top, **own}
@@ -238,6 +238,8 @@ def check_consistency(cfg: RunConfig) -> None:
         _check_sft(cfg.sft, "sft", cfg.init_from or cfg.data.tokenizer.path, "init_from")
     elif cfg.kind == "dpo":
         _check_dpo(cfg.dpo, "dpo", cfg.init_from, "init_from", cfg.adapter.kind != "none")
+    elif cfg.kind == "rl":
+        _check_rl(cfg.rl, "rl", cfg.init_from, "init_from", cfg.adapter.kind != "none", cfg.train.grad_accum)
     elif not cfg.data.sources and not cfg.data.prepared:
         raise ConfigError("data.sources: expected at least one source (or set data.prepared to a prepared dataset)")
     for i, src in enumerate(cfg.data.sources):
@@ -274,6 +276,28 @@ def _check_arithmetic(a, where: str) -> None:
         raise ConfigError(f"{where}.ops: expected a non-empty list of add, mul; got {a.ops}")
     if a.min_digits > a.max_digits:
         raise ConfigError(f"{where}.min_digits: expected <= max_digits={a.max_digits}, got {a.min_digits}")
+
+
+def _check_rl(rl, where: str, has_model, init_key: str, adapter: bool, grad_accum: int) -> None:
+    if not has_model:
+        raise ConfigError(f"{init_key}: an rl stage needs a model to start from (init_from, or an earlier stage)")
+    if rl.algorithm in ("grpo", "rloo") and rl.group_size < 2:
+        raise ConfigError(f"{where}.group_size: {rl.algorithm} compares completions of one prompt; expected >= 2, "
+                          f"got {rl.group_size}")
+    need = rl.mini_batches * grad_accum
+    if rl.prompts_per_rollout * rl.group_size < need:
+        raise ConfigError(f"{where}.mini_batches: a rollout of {rl.prompts_per_rollout} x {rl.group_size} sequences "
+                          f"cannot fill {rl.mini_batches} mini-batches x train.grad_accum={grad_accum} micro-batches")
+    if rl.importance != "token" and rl.denominator != "old":
+        raise ConfigError(f"{where}.importance: {rl.importance} ratios are against the sampling policy; expected "
+                          f"denominator old, got {rl.denominator}")
+    if rl.reference == "adapters-off" and not adapter:
+        raise ConfigError(f"{where}.reference: adapters-off needs an adapter stage (adapter.kind lora or dora)")
+    if rl.clip_eps_high is not None and rl.clip_eps_high < rl.clip_eps:
+        raise ConfigError(f"{where}.clip_eps_high: expected >= clip_eps={rl.clip_eps} (clip-higher widens the upper "
+                          f"range), got {rl.clip_eps_high}")
+    if rl.task == "arithmetic":
+        _check_arithmetic(rl.arithmetic, f"{where}.arithmetic")
 
 
 def _check_dpo(dpo, where: str, has_model, init_key: str, adapter: bool) -> None:
@@ -349,6 +373,11 @@ def _check_stages(cfg: RunConfig) -> None:
             if st.mixture:
                 raise ConfigError(f"{where}.mixture: a dpo stage trains on its dpo.data, not a mixture")
             _check_dpo(st.dpo, f"{where}.dpo", i > 0 or st.init_from, f"{where}.init_from", st.adapter.kind != "none")
+        elif st.kind == "rl":
+            if st.mixture:
+                raise ConfigError(f"{where}.mixture: an rl stage trains on its rl.task's rollouts, not a mixture")
+            _check_rl(st.rl, f"{where}.rl", i > 0 or st.init_from, f"{where}.init_from", st.adapter.kind != "none",
+                      cfg.train.grad_accum)
         else:
             _check_mixture(cfg, i, st, where, domains)
         sch = st.schedule

@@ -254,7 +254,7 @@ class DomainConfig:
                                "as its own dataset with the run's one tokenizer).")
 
 
-STAGE_KINDS = ["lm", "sft", "dpo"]
+STAGE_KINDS = ["lm", "sft", "dpo", "rl"]
 CHAT_FORMATS = ["messages", "prompt-completion", "alpaca", "sharegpt"]
 
 
@@ -371,6 +371,78 @@ class DPOConfig:
 
 
 @dataclass
+class CountdownConfig:
+    numbers: int = opt(3, "Numbers given per problem.", gt=1)
+    max_number: int = opt(20, "Numbers are drawn from 1 .. max_number.", gt=1)
+    use_all: bool = opt(False, "Each number must be used exactly once (else at most once).")
+
+
+@dataclass
+class RLConfig:
+    task: str = opt("arithmetic", "Prompts and their verifier: arithmetic (exact match of the final answer; the "
+                    "rl.arithmetic section), countdown (reach the target with the given numbers, checked by a safe "
+                    "expression parser), reasoning-gym:NAME (a procedural dataset of the reasoning-gym package, if "
+                    "installed), or a name given to stagewise.rl.register_task / register_reward from Python.")
+    arithmetic: ArithmeticConfig = opt(ArithmeticConfig, "task arithmetic: operations, digits and answer format "
+                                       "(train_count / val_count: the problems drawn from).")
+    countdown: CountdownConfig = opt(CountdownConfig, "task countdown: the game's size.")
+    format_reward: float = opt(0.0, "Reward of a wrong answer that is in the right format (0: exact match only).",
+                               ge=0, le=1)
+    train_problems: int = opt(10000, "Training prompts drawn from the task (a seeded order per pass).", gt=0)
+    eval_problems: int = opt(64, "Validation prompts answered greedily at every evaluation: exact_match and "
+                             "val_reward.", ge=0)
+    prompts_per_rollout: int = opt(8, "Prompts per rollout.", gt=0)
+    group_size: int = opt(8, "Completions sampled per prompt (G).", gt=0)
+    max_new_tokens: int = opt(32, "Tokens generated per completion at most (and Dr. GRPO's length normaliser).",
+                              gt=0)
+    temperature: float = opt(1.0, "Sampling temperature of the rollouts (0: greedy).", ge=0)
+    top_p: float = opt(1.0, "Nucleus sampling of the rollouts (1: off).", gt=0, le=1)
+    top_k: int = opt(0, "Top-k sampling of the rollouts (0: off).", ge=0)
+    epochs_per_rollout: int = opt(1, "Passes over each rollout.", gt=0)
+    mini_batches: int = opt(1, "Optimizer steps per pass (each over 1/mini_batches of the rollout, in "
+                            "train.grad_accum micro-batches).", gt=0)
+    algorithm: str = opt("grpo", "How rewards become advantages: grpo (group-normalised), rloo (leave-one-out "
+                         "baseline), remax (the greedy completion's reward as baseline), reinforce (the rollout's mean "
+                         "reward as baseline).", choices=["grpo", "rloo", "remax", "reinforce"])
+    scale_rewards: str = opt("group", "grpo: divide by the group's reward std (group), the rollout's (batch), or "
+                             "not at all (none: Dr. GRPO).", choices=["group", "batch", "none"])
+    mask: str = opt("clip", "Stabilization mask of the estimator: clip (PPO's trust region: no gradient where the "
+                    "ratio left [1 - clip_eps, 1 + clip_eps_high] in the advantage's direction) or none.",
+                    choices=["clip", "none"])
+    denominator: str = opt("old", "Reference-policy denominator of the estimator: old (the sampling policy: PPO / "
+                           "GRPO's importance ratio), current (the policy itself: REINFORCE, SFT), one (none: DFT).",
+                           choices=["old", "current", "one"])
+    clip_eps: float = opt(0.2, "Lower clip range epsilon.", gt=0, lt=1)
+    clip_eps_high: Optional[float] = opt(None, "Upper clip range (DAPO's clip-higher uses 0.28); null: clip_eps.",
+                                         gt=0)
+    importance: str = opt("token", "Importance ratio per token, per sequence as exp(mean log-ratio) (GSPO), or per "
+                          "sequence as exp(summed log-ratio) (TRL's RLOO).", choices=["token", "sequence", "sequence-sum"])
+    loss_agg: str = opt("token-mean", "Loss aggregation: token-mean (every token of a step weighs the same), "
+                        "seq-mean-token-mean (GRPO's paper), seq-mean-token-sum-norm (Dr. GRPO: token sums / "
+                        "max_new_tokens).", choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+    kl_beta: float = opt(0.0, "Weight of the KL to the reference policy (the stage's start); 0 loads no reference.",
+                         ge=0)
+    kl_estimator: str = opt("k3", "Per-token KL estimator: k1 (log-ratio) or k3 (exp(d) - d - 1, always >= 0).",
+                            choices=["k1", "k3"])
+    kl_in: str = opt("loss", "Where the KL goes: a loss term per token (GRPO) or a penalty on each sequence's reward "
+                     "(summed over its tokens; PPO-RLHF, RLOO).", choices=["loss", "reward"])
+    reference: str = opt("auto", "The reference policy of the KL: copy (a frozen copy, stored in reference_dtype) or "
+                         "adapters-off (a LoRA policy with its adapters switched off); auto: adapters-off for an "
+                         "adapter stage, else copy.", choices=["auto", "copy", "adapters-off"])
+    reference_dtype: str = opt("auto", "A copy reference's matmul weights: bf16 (needs a bf16 compute precision), "
+                               "fp32, or auto (the stage's compute dtype).", choices=["auto", "bf16", "fp32"])
+    dynamic_sampling: str = opt("off", "Groups whose rewards all agree (advantage 0): keep them (off), drop them, or "
+                                "resample further prompts until prompts_per_rollout informative groups are found "
+                                "(DAPO).", choices=["off", "drop", "resample"])
+    resample_rounds: int = opt(3, "resample: further sampling rounds per rollout at most.", ge=1)
+    hybrid: str = opt("off", "hpt: a prompt whose rollouts succeed at most hpt_threshold of the time is trained by SFT "
+                      "on the task's reference solution instead (Hybrid Post-Training, Lv et al. 2025).",
+                      choices=["off", "hpt"])
+    hpt_threshold: float = opt(0.0, "hpt: success rate at or below which a prompt gets SFT.", ge=0, lt=1)
+    sync_every: int = opt(8, "Generation: tokens between host checks for finished rows.", gt=0)
+
+
+@dataclass
 class AdapterConfig:
     kind: str = opt("none", "Parameter-efficient fine-tuning (docs/adapters.md): none trains every weight; lora adds "
                     "B @ A (rank r) to each target linear layer with the base frozen; dora also learns each output "
@@ -408,8 +480,9 @@ class AdapterConfig:
 class StageConfig:
     name: str = opt("", "Stage name (forgetting.json, logs, RUN_DIR/stages/<name>/).")
     kind: str = opt("lm", "What the stage trains: lm (next-token prediction on its mixture) or sft (supervised "
-                    "fine-tuning on chat data, the stage's sft section; docs/sft.md) or dpo (preference optimisation, the "
-                    "stage's dpo section; docs/dpo.md).", choices=STAGE_KINDS)
+                    "fine-tuning on chat data, the stage's sft section; docs/sft.md), dpo (preference optimisation, the "
+                    "stage's dpo section; docs/dpo.md) or rl (RL with verifiable rewards, the stage's rl section; "
+                    "docs/rl.md).", choices=STAGE_KINDS)
     steps: Optional[int] = opt(None, "Optimizer steps of this stage (set steps or tokens).", gt=0)
     tokens: Optional[int] = opt(None, "Token budget of this stage, rounded up to whole steps (set steps or tokens).",
                                 gt=0)
@@ -431,6 +504,8 @@ class StageConfig:
                          "section.")
     dpo: DPOConfig = opt(DPOConfig, "kind dpo: the stage's preference data, loss and reference; keys not given take "
                          "the recipe's dpo section.")
+    rl: RLConfig = opt(RLConfig, "kind rl: the stage's task, rollouts and estimator; keys not given take the recipe's "
+                       "rl section.")
     adapter: AdapterConfig = opt(AdapterConfig, "The stage's adapters (docs/adapters.md); not inherited from the "
                                  "recipe's adapter section: each stage says its own.")
 
@@ -444,8 +519,9 @@ class RunConfig:
                       "cuda mean cuda:LOCAL_RANK.")
     threads: int = opt(0, "torch intra-op threads; 0 keeps torch's default. Bitwise resume needs the same count.", ge=0)
     kind: str = opt("lm", "What the run trains: lm (pre-training on data.sources), sft (supervised fine-tuning "
-                    "on chat data, the sft section; docs/sft.md) or dpo (preference optimisation, the dpo section; "
-                    "docs/dpo.md). A recipe with stages sets it per stage.", choices=STAGE_KINDS)
+                    "on chat data, the sft section; docs/sft.md), dpo (preference optimisation, the dpo section; "
+                    "docs/dpo.md) or rl (RL with verifiable rewards, the rl section; docs/rl.md). A recipe with stages "
+                    "sets it per stage.", choices=STAGE_KINDS)
     init_from: Optional[str] = opt(
         None, "Start from these weights: a stagewise run, checkpoint or model directory, or a Hugging Face model "
         "directory (Llama, Mistral, Qwen2, Qwen3, Gemma 3). The architecture and tokenizer come from it (the "
@@ -462,6 +538,7 @@ class RunConfig:
     sample: SampleConfig = opt(SampleConfig, "Samples printed at the end of training.")
     sft: SFTConfig = opt(SFTConfig, "Supervised fine-tuning (kind sft; docs/sft.md).")
     dpo: DPOConfig = opt(DPOConfig, "Preference optimisation (kind dpo; docs/dpo.md).")
+    rl: RLConfig = opt(RLConfig, "RL with verifiable rewards (kind rl; docs/rl.md).")
     adapter: AdapterConfig = opt(AdapterConfig, "Parameter-efficient fine-tuning: LoRA / DoRA adapters on a frozen, "
                                  "optionally quantized base (docs/adapters.md).")
     stages: list[StageConfig] = opt(

@@ -24,12 +24,13 @@ class Batch:
     positions: Optional[torch.Tensor] = None       # [B, T] RoPE positions (restart per packed document)
     doc_ids: Optional[torch.Tensor] = None         # [B, T] document of each token (block-causal attention)
     weights: Optional[torch.Tensor] = None         # [B] per-example loss weights
-    ref_logprobs: Optional[torch.Tensor] = None    # [B, T] log-probs of a reference model; [S] per sequence
+    ref_logprobs: Optional[torch.Tensor] = None    # reference log-probs: [S] per sequence (dpo), [N] per target (rl)
     seq_ids: Optional[torch.Tensor] = None         # [B, T] sequence of each trained target (-1: none); preferences
     labels: Optional[torch.Tensor] = None          # [U] per unit of sequences 2u, 2u+1: 1 pair/desirable, 0 not
     target_rows: Optional[torch.Tensor] = None     # [N] flat indices (into B*T) of the trained targets, from the CPU
-    old_logprobs: Optional[torch.Tensor] = None    # [B, T] log-probs of the policy that sampled the batch
-    advantages: Optional[torch.Tensor] = None      # [B] or [B, T]
+    old_logprobs: Optional[torch.Tensor] = None    # [N] log-probs of the policy that sampled the batch, per target row
+    advantages: Optional[torch.Tensor] = None      # [B] per sequence (RL)
+    demo: Optional[torch.Tensor] = None            # [B] bool: rows that are demonstrations (hybrid SFT / RL)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: v for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None}

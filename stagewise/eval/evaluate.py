@@ -51,7 +51,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Batch], precision: Precis
             nbytes += target_bytes(batch.targets, token_bytes)
         if device is not None:
             batch = batch.to(device)
-        ctx = precision.autocast() if precision is not None else torch.autocast("cpu", enabled=False)
+        ctx = precision.inference() if precision is not None else torch.autocast("cpu", enabled=False)
         with ctx:
             out = objective.evaluate(model, batch)
         loss_sum += float(out.loss_sum)

@@ -6,7 +6,7 @@ from typing import Collection
 
 import torch
 
-from stagewise.model.llama import KVCache, Transformer
+from stagewise.model.llama import Transformer
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -33,11 +33,11 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-@torch.inference_mode()
 def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, eos_id: int | Collection[int] | None = None,
              generator: torch.Generator | None = None) -> list[int]:
     """Continue `prompt_ids`; returns only the new tokens (without the eos token, if one is sampled).
+    One row of the batched engine (generate/engine.py), which every caller shares.
 
     `eos_id` may be several ids (a tokenizer's `stop_ids`: Gemma's instruction models end a turn
     with `<end_of_turn>`, not `<eos>`); generation stops at the first of them.
@@ -47,28 +47,10 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, tem
     one), and generation stops early when the window is full. The model's train/eval mode is left
     as it is (the model has no dropout).
     """
+    from stagewise.generate.engine import generate_batch
+
     if not prompt_ids:
         raise ValueError("generate: prompt_ids is empty; expected at least one token id")
-    max_len = model.cfg.max_seq_len
-    if max_new_tokens <= 0:
-        return []
-    prompt = prompt_ids[-max(1, max_len - max_new_tokens):]
-    device = model.tok_embeddings.weight.device
-    # Only the positions this call can reach: a 32k-context model need not allocate a 32k cache.
-    cache = KVCache.for_model(model, batch_size=1, max_len=min(max_len, len(prompt) + max_new_tokens))
-    logits = model(torch.tensor([prompt], dtype=torch.long, device=device), cache=cache)[0, -1]
     stop = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
-    new: list[int] = []
-    while True:
-        if temperature == 0.0:
-            token = int(torch.argmax(logits))
-        else:
-            filtered = filter_logits(logits.float() / temperature, top_k, top_p)
-            token = int(torch.multinomial(filtered.softmax(-1), 1, generator=generator))
-        if token in stop:
-            break
-        new.append(token)
-        if len(new) == max_new_tokens or cache.pos == cache.max_len:
-            break
-        logits = model(torch.tensor([[token]], dtype=torch.long, device=device), cache=cache)[0, -1]
-    return new
+    return generate_batch(model, [prompt_ids], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          stop_ids=stop, generator=generator).tokens[0]

@@ -91,6 +91,10 @@ class KVCache:
 
     `pos` is the number of positions already written; `Transformer.forward` writes the new chunk at
     [pos, pos + T) in every layer and then advances `pos` by T.
+
+    `pad` [B] (int64, optional) is the number of left-padding slots of each row (a batch of prompts
+    of different lengths, right-aligned): row b's token in slot j sits at RoPE position j - pad[b],
+    and no query attends to a row's padding slots (stagewise/generate/engine.py).
     """
 
     def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
@@ -100,6 +104,14 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.max_len = max_len
         self.pos = 0
+        self.pad: torch.Tensor | None = None
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (indices into the batch), in that order: finished rows leave the batch."""
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+        if self.pad is not None:
+            self.pad = self.pad.index_select(0, rows)
 
     @classmethod
     def for_model(cls, model: "Transformer", batch_size: int = 1, max_len: int | None = None) -> "KVCache":
@@ -369,6 +381,8 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {start + T} positions exceeds the limit of {limit} "
                              f"(model.max_seq_len={self.cfg.max_seq_len})")
         inputs, local_inputs = self._attention_inputs(T, start, tokens.device)
+        if cache is not None and cache.pad is not None:
+            inputs, local_inputs = self._padded_attention_inputs(T, start, cache.pad)
         if packed:
             inputs, local_inputs = self._packed_attention_inputs(inputs, local_inputs, positions, doc_ids)
         h = self.tok_embeddings(tokens)
@@ -401,6 +415,25 @@ class Transformer(nn.Module):
         if self.cfg.rope_local_base is not None:
             local_cos, local_sin = self.rope_local_cos[start:start + T], self.rope_local_sin[start:start + T]
         return (cos, sin, mask), (local_cos, local_sin, local_mask)
+
+    def _padded_attention_inputs(self, T: int, start: int, pad: torch.Tensor):
+        """_attention_inputs' tuples for left-padded rows in a cache: slot j of row b is at RoPE
+        position j - pad[b], and keys in a row's padding slots are hidden. A padding query sees
+        itself only (its output is never used; a query seeing nothing would make NaNs)."""
+        device = pad.device
+        slots = torch.arange(start, start + T, device=device)
+        positions = (slots[None, :] - pad[:, None]).clamp(min=0)                     # [B, T]
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        q = slots[None, :, None]                                                      # [1, T, 1]
+        j = torch.arange(start + T, device=device)[None, None, :]                     # [1, 1, S]
+        mask = ((j <= q) & (j >= pad[:, None, None])) | (j == q)                      # [B, T, S]
+        local_mask = mask
+        if any(self.local):
+            local_mask = mask & (j > q - self.cfg.sliding_window)
+        local_cos, local_sin = cos, sin
+        if self.cfg.rope_local_base is not None:
+            local_cos, local_sin = self.rope_local_cos[positions], self.rope_local_sin[positions]
+        return (cos, sin, mask.unsqueeze(1)), (local_cos, local_sin, local_mask.unsqueeze(1))
 
     def _packed_attention_inputs(self, inputs, local_inputs, positions, doc_ids):
         """_attention_inputs' tuples with RoPE gathered at positions [B, T] and, given doc_ids, a

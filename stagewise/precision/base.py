@@ -26,6 +26,7 @@ A precision schedule switches between them during a run (schedule.py).
 from __future__ import annotations
 
 import contextlib
+import copy
 import fnmatch
 import warnings
 from typing import Sequence
@@ -118,6 +119,22 @@ class Precision:
         stack.enter_context(torch.compiler.set_stance("force_eager"))
         stack.enter_context(ctx)
         return stack
+
+    @contextlib.contextmanager
+    def inference(self):
+        """The numeric context of forward passes that train nothing (evaluation, generation, RL
+        rollouts and their old-policy log-probs): the compute dtype as in training, no telemetry
+        probes armed, and this mode's state (fp8 delayed-scaling amax histories, counters) restored
+        on exit, so what such passes see never changes what the next training step does."""
+        saved = copy.deepcopy(self.state_dict())
+        ctx = self.compute_context()
+        if self.compute_dtype == torch.bfloat16:
+            ctx = bf16_context(self.device, ctx)
+        try:
+            with ctx:
+                yield
+        finally:
+            self.load_state_dict(saved)
 
     @property
     def emulates_bf16(self) -> bool:

@@ -191,7 +191,7 @@ def precompute_logps(ref: Transformer, units: list, precision, device, batch_siz
     for k, start in enumerate(range(0, len(order), batch_size)):
         index = order[start:start + batch_size]
         batch = padded_batch([units[i] for i in index], seq_len, pad_id).to(device)
-        with precision.autocast():
+        with precision.inference():
             logps = sequence_logps(ref, batch)[0].float().cpu().numpy()
         out[index] = logps.reshape(-1, 2)
         if k + 1 == kill_after:
@@ -278,7 +278,7 @@ def preference_eval(model, objective, batches, precision) -> dict:
     device = next(model.parameters()).device
     loss, n, sums, counts = 0.0, 0, {}, {}
     for batch in batches:
-        with precision.autocast():
+        with precision.inference():
             res = objective(model, batch.to(device))
         loss += float(res.loss_sum)
         n += int(res.normaliser)

@@ -4,6 +4,8 @@
         recipe's domain mixture with replay (docs/continual.md)
   sft   supervised fine-tuning on chat conversations (train/sft_kind.py, docs/sft.md)
   dpo   preference optimisation on pairs, with its reference (train/dpo_kind.py, docs/dpo.md)
+  rl    RL with verifiable rewards: rollouts, rewards, the policy-gradient estimator (train/rl_kind.py,
+        docs/rl.md)
 
 `RunData` is what the runner has prepared before any stage is built: the run's tokenizer and
 the data every stage kind needs (token datasets per domain; encoded conversations for SFT).
@@ -87,7 +89,13 @@ def _dpo_stage(run: RunData, index: int, start: int) -> Stage:
     return dpo_stage(run, index, start)
 
 
-STAGE_KINDS = {"lm": lm_stage, "sft": _sft_stage, "dpo": _dpo_stage}
+def _rl_stage(run: RunData, index: int, start: int) -> Stage:
+    from stagewise.train.rl_kind import rl_stage
+
+    return rl_stage(run, index, start)
+
+
+STAGE_KINDS = {"lm": lm_stage, "sft": _sft_stage, "dpo": _dpo_stage, "rl": _rl_stage}
 
 
 def build_stage(run: RunData, index: int, start: int) -> Stage:

@@ -120,6 +120,8 @@ def fit(stage: Stage, mcfg: ModelConfig, device: torch.device, checkpoint: Path 
         log(f"run already complete at step {counters.step}/{stage.end()}")
         return None
     trainee.model.compile_blocks(trainee.precision.compiles(cfg.train.compile, log))          # 3. compile
+    if stage.bind is not None:
+        stage.bind(trainee)
     fpt = flops_per_token(mcfg, stage.flops_seq_len)
     if trainee.adapter is not None:  # the frozen base takes no weight gradients (adapters/sizes.py)
         from stagewise.adapters.sizes import adapter_flops_per_token

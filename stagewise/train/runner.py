@@ -24,7 +24,7 @@ from stagewise.config.loader import dump_yaml, from_dict, read_yaml
 from stagewise.config.schema import ModelConfig, RunConfig
 from stagewise.data import Tokenizer, open_dataset, resolve_dataset
 from stagewise.errors import CheckpointError, ConfigError
-from stagewise.generate import generate
+from stagewise.generate.engine import generate_batch
 from stagewise.train import stages as plan
 from stagewise.train.kinds import RunData, build_stage
 from stagewise.train.loop import fit
@@ -247,11 +247,12 @@ def _finish(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, model, tokenizer, 
     model.eval()
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     s = cfg.sample
-    chat = s.chat if s.chat is not None else plan.stage_kind(cfg, plan.n_stages(cfg) - 1) in ("sft", "dpo")
-    for prompt in s.prompts:
-        ids, stop = prompt_and_stop(tokenizer, prompt, chat)
-        out = generate(model, ids, s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                       eos_id=stop, generator=gen)
+    chat = s.chat if s.chat is not None else plan.stage_kind(cfg, plan.n_stages(cfg) - 1) in ("sft", "dpo", "rl")
+    encoded = [prompt_and_stop(tokenizer, prompt, chat) for prompt in s.prompts]
+    stop = encoded[0][1] if encoded else ()
+    outs = generate_batch(model, [ids for ids, _ in encoded], s.max_new_tokens, temperature=s.temperature,
+                          top_k=s.top_k, top_p=s.top_p, stop_ids=stop, generator=gen).tokens
+    for prompt, out in zip(s.prompts, outs):
         shown = f"user: {prompt}\nassistant: {tokenizer.decode(out)}" if chat else prompt + tokenizer.decode(out)
         log(f"--- {'chat ' if chat else ''}sample (prompt {prompt!r}) ---\n{shown}")
     ckpt = latest_checkpoint(run_dir / rundir.CHECKPOINTS)

@@ -16,7 +16,7 @@ from stagewise.data.arithmetic import Problem, check
 from stagewise.data.packing import PackedSource, PaddedSource, eval_rows
 from stagewise.data.sft_data import load_sft_data
 from stagewise.eval import evaluate
-from stagewise.generate import generate
+from stagewise.generate import generate_batch
 from stagewise.model import Transformer
 from stagewise.objectives import build_objective
 from stagewise.train import stages as plan
@@ -75,17 +75,17 @@ def _reference(run, cfg, index: int) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def exact_match(model, precision, tokenizer, template, problems: list, max_new_tokens: int) -> float:
-    """Share of problems whose greedy completion the arithmetic checker accepts."""
+def exact_match(model, precision, tokenizer, template, problems: list, max_new_tokens: int,
+                batch_size: int = 64) -> float:
+    """Share of problems whose greedy completion the arithmetic checker accepts (batched generation)."""
     was_training = model.training
     model.eval()
     stop = template.stop_ids(tokenizer)
+    prompts = [template.prompt_ids(tokenizer, [{"role": "user", "content": p.prompt}]) for p in problems]
     right = 0
-    with precision.autocast():
-        for prob in problems:
-            prompt = template.prompt_ids(tokenizer, [{"role": "user", "content": prob.prompt}])
-            ids = generate(model, prompt, max_new_tokens, temperature=0.0, eos_id=stop)
-            right += check(tokenizer.decode(ids), prob)
+    with precision.inference():
+        for s in range(0, len(prompts), batch_size):
+            outs = generate_batch(model, prompts[s:s + batch_size], max_new_tokens, stop_ids=stop).tokens
+            right += sum(check(tokenizer.decode(ids), p) for ids, p in zip(outs, problems[s:s + batch_size]))
     model.train(was_training)
     return right / len(problems)
-

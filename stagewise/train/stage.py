@@ -1,6 +1,6 @@
 """One stage as the loop drives it, whatever its kind.
 
-A stage kind (train/kinds.py: `lm`, `sft`, `dpo`; later `rl`) assembles a `Stage` from the
+A stage kind (train/kinds.py: `lm`, `sft`, `dpo`, `rl`) assembles a `Stage` from the
 recipe: its batch source, its objective, its evaluation, its LR schedule over its own steps and
 what it starts from. The loop (train/loop.py) only calls the methods below, so adding a kind
 never adds a branch there. Steps are numbered globally across stages: stage i runs from its
@@ -45,6 +45,8 @@ class Stage:
     prepare: Optional[Callable] = None  # (device, precision, log) before the model is built, on every start and
     #                                     resume: what the stage needs first (dpo: its reference)
     reference_forward: bool = False    # every step also runs a reference forward (counted in MFU)
+    bind: Optional[Callable] = None    # (trainee) once the model is built and restored: a source that generates
+    #                                    with the policy (rl rollouts) reads trainee.model from then on
 
     def end(self) -> int:
         """Global step at which the stage ends: its budget, or the end of a triggered cooldown."""
