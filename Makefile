@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: dpo demo test test-fast bench experiments experiment-tables docs clean system-deps lora
+.PHONY: rl dpo demo test test-fast bench experiments experiment-tables docs clean system-deps lora
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ clean:
 dpo: $(STAMP)
 	rm -rf runs/dpo
 	$(VENV)/bin/stagewise run recipes/dpo.yaml
+
+rl: $(STAMP)
+	rm -rf runs/rl
+	$(VENV)/bin/stagewise run recipes/rl.yaml
 
 # LoRA fine-tuning of google/gemma-3-270m (recipes/lora.yaml, docs/adapters.md): imports the model
 # from the PyPI GGUF once, trains (replacing this target's own runs/lora), exports the adapter for

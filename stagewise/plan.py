@@ -154,6 +154,7 @@ def print_plan(cfg, measure_peak: bool = False) -> None:
     _print_adapter(cfg, mcfg, mem)
     _print_sft(cfg, init)
     _print_dpo(cfg, mcfg, mem, init)
+    _print_rl(cfg, mcfg, mem)
     print(f"\n# bytes per parameter ({cfg.precision.mode})")
     per_param = prec.param_bytes + prec.grad_bytes + prec.master_bytes + optim_bytes
     print(f"  weights {prec.param_bytes}, gradients {prec.grad_bytes}, separate master copy {prec.master_bytes}, "
@@ -292,6 +293,48 @@ def _print_dpo(cfg, mcfg, mem: dict, init) -> None:
         print(f"    {unit}: {len(data.train)} train / {len(data.val)} val (dropped {data.stats['train']['dropped']}); "
               f"padding waste packed {waste[True]:.1%}, padded {waste[False]:.1%} (this recipe: "
               f"{'packed' if dpo.packing else 'padded'})")
+
+
+def _print_rl(cfg, mcfg, mem: dict) -> None:
+    """Each rl stage's rollout shape, estimator parts and KL reference (what it costs)."""
+    from stagewise.model import param_counts
+    from stagewise.train import stages as plan
+    from stagewise.train.dpo_kind import reference_dtype
+    from stagewise.train.rl_kind import reference_mode, rl_config
+
+    kinds = [plan.stage_kind(cfg, i) for i in range(plan.n_stages(cfg))]
+    if "rl" not in kinds:
+        return
+    print("\n# RL with verifiable rewards (docs/rl.md)")
+    for i, kind in enumerate(kinds):
+        if kind != "rl":
+            continue
+        st, rl, name = plan.stage_config(cfg, i), rl_config(cfg, i), plan.stage_name(cfg, i)
+        where = f"stages[{i}].rl" if cfg.stages else "rl"
+        n_seq = rl.prompts_per_rollout * rl.group_size
+        steps = rl.epochs_per_rollout * rl.mini_batches
+        print(f"  {name}: task {rl.task}, {rl.algorithm}" + (f" (scale_rewards {rl.scale_rewards})"
+                                                           if rl.algorithm == "grpo" else "")
+              + f"; {rl.prompts_per_rollout} prompts x {rl.group_size} completions = {n_seq} sequences of <= "
+              f"{rl.max_new_tokens} new tokens per rollout, {steps} optimizer step(s) per rollout "
+              f"({-(-plan.stage_steps(cfg, i) // steps)} rollouts)")
+        clip = f"clip [{1 - rl.clip_eps:g}, {1 + (rl.clip_eps_high or rl.clip_eps):g}]" if rl.mask == "clip" else "none"
+        print(f"    estimator: mask {clip}, denominator {rl.denominator}, importance {rl.importance}, "
+              f"aggregation {rl.loss_agg}" + (f", dynamic sampling {rl.dynamic_sampling}"
+                                              if rl.dynamic_sampling != "off" else "")
+              + (f", hybrid hpt (SFT at success <= {rl.hpt_threshold:g})" if rl.hybrid == "hpt" else ""))
+        mode = reference_mode(rl, st.adapter.kind)
+        if mode == "none":
+            print("    reference: none (kl_beta 0: no KL term, nothing loaded)")
+            continue
+        dtype = reference_dtype(rl, st.precision.mode, where)
+        nbytes = param_counts(mcfg)["total"] * (2 if dtype == torch.bfloat16 else 4)
+        what = (f"a frozen copy in {'bf16' if dtype == torch.bfloat16 else 'fp32'}: {_gib(nbytes).strip()}"
+                if mode == "copy" else "the policy with its adapters switched off: no second copy")
+        print(f"    reference: {mode} ({what}); KL {rl.kl_estimator} x {rl.kl_beta:g} in the {rl.kl_in}")
+        if i == 0 and mode == "copy":
+            mem["reference"] = nbytes
+            mem["total"] = sum(v for k, v in mem.items() if k != "total")
 
 
 def _print_sizes(cfg, mcfg) -> None:

@@ -81,7 +81,7 @@ def _prepare(cfg: DataConfig, out_dir: Path, log: Log, overwrite: bool) -> Path:
     else:
         sample = scan.training_sample(cfg.tokenizer.train_bytes)
         t = time.perf_counter()
-        tokenizer = train_bpe(sample, cfg.tokenizer.vocab_size)
+        tokenizer = train_bpe(sample, cfg.tokenizer.vocab_size, split_digits=cfg.tokenizer.split_digits)
         log(f"data: trained byte-level BPE, vocab {tokenizer.vocab_size}, on "
             f"{sum(len(s.encode('utf-8')) for s in sample) / 1e6:.1f} MB [{time.perf_counter() - t:.1f}s]")
 
@@ -305,6 +305,8 @@ def dataset_key(cfg: DataConfig) -> str:
         # The special tokens a trained BPE reserves are part of its identity (the ChatML pair was added later).
         tok = {"vocab_size": cfg.tokenizer.vocab_size, "train_bytes": cfg.tokenizer.train_bytes,
                "specials": list(TRAINED_SPECIALS)}
+        if cfg.tokenizer.split_digits:  # only when set: every earlier cache keeps its key
+            tok["split_digits"] = True
     identity = {"format_version": FORMAT_VERSION, "sources": sources, "tokenizer": tok,
                 "val_fraction": cfg.val_fraction}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()[:16]

@@ -175,15 +175,19 @@ class Tokenizer:
         return f"Tokenizer(vocab_size={self.vocab_size}, eos={self.eos_token!r}{bos}, sha256={self.sha256[:12]})"
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+def train_bpe(texts: Iterable[str], vocab_size: int, split_digits: bool = False) -> Tokenizer:
     """Train a byte-level BPE with `<|endoftext|>`, `<|im_start|>`, `<|im_end|>` as ids 0, 1, 2.
-    Deterministic for the same texts."""
+    Deterministic for the same texts. split_digits: every digit a token of its own (a Digits
+    pre-tokenizer before the byte-level one)."""
     if vocab_size < 256 + len(TRAINED_SPECIALS):
         raise DataError(f"data.tokenizer.vocab_size: {vocab_size} is too small; a byte-level BPE needs "
                         f"at least {256 + len(TRAINED_SPECIALS)} (256 bytes + {', '.join(TRAINED_SPECIALS)})")
     tok = HFTokenizer(models.BPE())
     # add_prefix_space=False keeps the round trip exact (no space invented before the first word).
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

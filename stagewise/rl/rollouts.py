@@ -113,10 +113,8 @@ class RolloutSource:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("kind") != "rl":
-            from stagewise.errors import CheckpointError
-
-            raise CheckpointError(f"checkpoint's batch source is {state.get('kind')!r}, this stage's is rl")
+        if state.get("kind") != "rl" or state.get("stage") != self.stage:
+            return  # the previous stage's source (a stage boundary): this stage starts its own rollouts
         self.rollout, self.k, self.micro = state["rollout"], state["k"], state["micro"]
         self.epoch, self.cursor = state["epoch"], state["cursor"]
         if "buffer" in state:
