@@ -345,7 +345,7 @@ def test_split_guarantees_one_val_and_one_train_doc(tmp_path):
 def test_tokenizer_trains_on_train_split_only_within_budget(corpus_dir, tmp_path, monkeypatch):
     seen = []
     real = shards.train_bpe
-    monkeypatch.setattr(shards, "train_bpe", lambda texts, v: seen.extend(texts) or real(texts, v))
+    monkeypatch.setattr(shards, "train_bpe", lambda texts, v, **kw: seen.extend(texts) or real(texts, v, **kw))
     cfg = text_cfg(corpus_dir)
     cfg.tokenizer.train_bytes = 2000
     prepare_dataset(cfg, tmp_path / "o", log=lambda s: None)
@@ -622,3 +622,15 @@ def test_sampler_on_prepared_dataset(prepared):
     x, y = s.next_batch()
     assert x.max() < ds.vocab_size and torch.equal(x[:, 1:], y[:, :-1])
     assert eval_batches(ds.val, 16, 2, 2)
+
+
+def test_split_digits_bpe_gives_every_digit_its_own_token():
+    texts = [f"x = {i * 7919 % 100000} + {i * 104729 % 1000}\n" for i in range(400)] + make_docs(20, seed=3)
+    merged = train_bpe(texts, vocab_size=400)
+    split = train_bpe(texts, vocab_size=400, split_digits=True)
+    number = "12345+678="
+    pieces = [split.decode([t]) for t in split.encode(number)]
+    assert all(len(p) == 1 for p in pieces if any(c.isdigit() for c in p))
+    assert split.decode(split.encode(number)) == number
+    # without it, the same corpus merges digit runs into multi-digit tokens: the option is what differs
+    assert any(len(merged.decode([t])) > 1 and merged.decode([t]).isdigit() for t in merged.encode(number))

@@ -443,6 +443,9 @@ class RLConfig:
                       choices=["off", "hpt"])
     hpt_threshold: float = opt(0.0, "hpt: success rate at or below which a prompt gets SFT.", ge=0, lt=1)
     sync_every: int = opt(8, "Generation: tokens between host checks for finished rows.", gt=0)
+    compile_decode: bool = opt(False, "Generation: run each decoding step through torch.compile (static shapes, "
+                               "the whole cache attended, masked); pays a compilation once per batch size, so "
+                               "it helps long generations of large batches, not tiny models.")
 
 
 @dataclass

@@ -19,6 +19,10 @@ generator state, model and prompts, the draws are the same on every run (RL resu
 Entropy, when asked for, is that of softmax(logits / temperature) before top-k/top-p (at
 temperature 1 for greedy decoding), averaged over the generated tokens (stop tokens included).
 
+Decoding steps run the cached forward eagerly, or (compile=True) through torch.compile of
+Transformer.decode_step, whose shapes do not change from step to step (the whole cache attended,
+masked), so one graph serves every step.
+
 The model runs in whatever mode and numeric context the caller sets: wrap calls in
 `precision.inference()` so that rollouts and evaluation leave precision state untouched.
 """
@@ -32,7 +36,7 @@ from typing import Collection, Sequence
 import torch
 
 from stagewise.generate.sampling import filter_logits
-from stagewise.model.llama import KVCache
+from stagewise.model.kv_cache import KVCache
 
 
 @dataclass
@@ -64,12 +68,23 @@ def _entropies(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return -(logp.exp() * logp).nan_to_num().sum(-1)
 
 
+def _compiled_decode(model, backend: str):
+    """model.decode_step under torch.compile, kept on the model (one compilation per model and backend)."""
+    cache = model.__dict__.setdefault("_compiled_decode_steps", {})
+    if backend not in cache:
+        cache[backend] = torch.compile(model.decode_step, backend=backend, dynamic=False)
+    return cache[backend]
+
+
 @torch.inference_mode()
 def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
                    top_k: int = 0, top_p: float = 1.0, stop_ids: Collection[int] = (),
                    generator: torch.Generator | None = None, entropy: bool = False,
-                   sync_every: int = 8) -> Generation:
-    """Continue every prompt (lists of token ids, each non-empty); see the module docstring."""
+                   sync_every: int = 8, compile: bool | str = False) -> Generation:
+    """Continue every prompt (lists of token ids, each non-empty); see the module docstring.
+    compile: decode with torch.compile'd Transformer.decode_step (static shapes: every step attends
+    to the whole cache, masked), compiled once per model and batch size; a string names the
+    torch.compile backend (True: inductor). The prompt's forward stays eager."""
     t0 = time.perf_counter()
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate_batch: an empty prompt; expected at least one token id per prompt")
@@ -100,6 +115,10 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
     ent = torch.zeros((), dtype=torch.float64, device=device)
     ent_n = torch.zeros((), dtype=torch.long, device=device)
     logits = model(ids.to(device), cache=cache)[:, -1]
+    step_fn = None
+    if compile:
+        step_fn = _compiled_decode(model, "inductor" if compile is True else compile)
+        cache.pos_t = torch.tensor([cache.pos], dtype=torch.long, device=device)
     steps, live_counts = 0, []
     for t in range(budget):
         live_counts.append(rows.numel())
@@ -123,7 +142,12 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                 keep_rows = live.nonzero().squeeze(1)
                 rows, done, token, logits = rows[keep_rows], done[keep_rows], token[keep_rows], logits[keep_rows]
                 cache.select(keep_rows)
-        logits = model(token[:, None], cache=cache)[:, -1]
+        if step_fn is None:
+            logits = model(token[:, None], cache=cache)[:, -1]
+        else:
+            logits = step_fn(token[:, None], cache)
+            cache.pos_t += 1
+            cache.pos += 1
         steps += 1
     out, length, stopped_at = out.cpu(), length.cpu().tolist(), stopped_at.cpu().tolist()
     tokens = [out[b, :length[b]].tolist() for b in range(B)]

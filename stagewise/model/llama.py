@@ -38,6 +38,7 @@ from stagewise.config.schema import ModelConfig
 from stagewise.errors import ConfigError
 from stagewise.model.loss import (linear_cross_entropy, linear_token_logprobs, logits_cross_entropy,
                                   logits_token_logprobs)
+from stagewise.model.kv_cache import KVCache
 from stagewise.model.rope import apply_rope, rope_tables
 
 
@@ -84,47 +85,6 @@ def is_local_layer(cfg: ModelConfig, i: int) -> bool:
     if cfg.sliding_window is None:
         return False
     return cfg.global_every == 0 or (i + 1) % cfg.global_every != 0
-
-
-class KVCache:
-    """Preallocated keys/values per layer, [B, n_kv_heads, max_len, head_dim], filled left to right.
-
-    `pos` is the number of positions already written; `Transformer.forward` writes the new chunk at
-    [pos, pos + T) in every layer and then advances `pos` by T.
-
-    `pad` [B] (int64, optional) is the number of left-padding slots of each row (a batch of prompts
-    of different lengths, right-aligned): row b's token in slot j sits at RoPE position j - pad[b],
-    and no query attends to a row's padding slots (stagewise/generate/engine.py).
-    """
-
-    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
-        shape = (batch_size, n_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.max_len = max_len
-        self.pos = 0
-        self.pad: torch.Tensor | None = None
-
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only `rows` (indices into the batch), in that order: finished rows leave the batch."""
-        self.k = [k.index_select(0, rows) for k in self.k]
-        self.v = [v.index_select(0, rows) for v in self.v]
-        if self.pad is not None:
-            self.pad = self.pad.index_select(0, rows)
-
-    @classmethod
-    def for_model(cls, model: "Transformer", batch_size: int = 1, max_len: int | None = None) -> "KVCache":
-        p = model.tok_embeddings.weight
-        return cls(model.cfg.n_layers, batch_size, model.n_kv_heads, max_len or model.cfg.max_seq_len,
-                   model.head_dim, dtype=p.dtype, device=p.device)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this chunk's k/v for `layer`; return all keys/values so far (views, no copy)."""
-        end = self.pos + k.shape[2]
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class RMSNorm(nn.Module):
@@ -362,6 +322,36 @@ class Transformer(nn.Module):
             return out.view(targets.shape)
         return logits_token_logprobs(self.output(h), targets)
 
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [B, vocab] of one token per row [B, 1] at cache slot cache.pos_t (a [1] tensor), with
+        shapes that do not change from step to step: every slot of the cache is attended to, those
+        not yet written (and each row's left padding) masked. This is what torch.compile turns into
+        one graph for the whole generation (generate/engine.py, compile=True); the caller advances
+        pos_t and pos. Rows' RoPE positions are slot - pad, as in the eager cached path."""
+        B, S = tokens.shape[0], cache.max_len
+        pos = cache.pos_t
+        pad = cache.pad if cache.pad is not None else torch.zeros(B, dtype=torch.long, device=tokens.device)
+        positions = (pos - pad)[:, None]                                              # [B, 1]
+        j = torch.arange(S, device=tokens.device)[None, :]
+        mask = ((j <= pos) & (j >= pad[:, None]))[:, None, None, :]                  # [B, 1, 1, S]
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        local_mask, local_cos, local_sin = mask, cos, sin
+        if any(self.local):
+            local_mask = mask & (j > pos - self.cfg.sliding_window)[:, None, None, :]
+        if self.cfg.rope_local_base is not None:
+            local_cos, local_sin = self.rope_local_cos[positions], self.rope_local_sin[positions]
+        h = self._embed(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, *((local_cos, local_sin, local_mask) if self.local[i] else (cos, sin, mask)), cache, i)
+        return self.output(self.norm(h))[:, -1]
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(tokens)
+        if self.cfg.scale_embeddings:
+            # Gemma rounds sqrt(d) to the compute dtype before multiplying; so do we.
+            h = h * torch.tensor(self.cfg.d_model ** 0.5, dtype=h.dtype, device=h.device)
+        return h
+
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                       doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The output head's input [B, T, d] (final norm applied), for objectives that need more of the
@@ -385,10 +375,7 @@ class Transformer(nn.Module):
             inputs, local_inputs = self._padded_attention_inputs(T, start, cache.pad)
         if packed:
             inputs, local_inputs = self._packed_attention_inputs(inputs, local_inputs, positions, doc_ids)
-        h = self.tok_embeddings(tokens)
-        if self.cfg.scale_embeddings:
-            # Gemma rounds sqrt(d) to the compute dtype before multiplying; so do we.
-            h = h * torch.tensor(self.cfg.d_model ** 0.5, dtype=h.dtype, device=h.device)
+        h = self._embed(tokens)
         layers = self._compiled if self._compiled is not None and cache is None else self.layers
         for i, layer in enumerate(layers):
             h = layer(h, *(local_inputs if self.local[i] else inputs), cache, i)

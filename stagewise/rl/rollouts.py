@@ -148,7 +148,7 @@ class RolloutSource:
         prompts = [self._prompt_ids(p) for p in problems]
         out = generate_batch(self.trainee.model, [p for p in prompts for _ in range(G)], rl.max_new_tokens,
                              temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p, stop_ids=self.stop,
-                             generator=gen, entropy=True, sync_every=rl.sync_every)
+                             generator=gen, entropy=True, sync_every=rl.sync_every, compile=rl.compile_decode)
         groups = []
         for i, (prob, prompt) in enumerate(zip(problems, prompts)):
             comps, rewards, correct = [], [], []
