@@ -20,7 +20,9 @@
     SFT lr), and stage B's arms differ only in their objective, at the same lr and steps. Measured
     after B, in this process on fixed problems: exact match on addition (forgetting: the drop from
     the addition model, and from the warm-start) and on multiplication (learning); and the code
-    domain's validation bits per byte (`stagewise eval`, experiment 8's windows).
+    domain's validation bits per byte (`stagewise eval`, experiment 8's windows). This FIRST design of
+    (2) could not test the claim (the warm-start erased addition; GRPO had ~no reward); the second
+    design, a shared add+mul warm-start, is rl_forgetting.py.
 Results: results/rl_grpo.jsonl (a header line, then one line per run), results/rl_grpo.md and .png,
 all generated from the record:  python rl_grpo.py --tables
 """
@@ -278,7 +280,8 @@ def table(header: dict, runs: list[dict]) -> str:
         f"# {header['title']}\n\n## (1) GRPO vs more SFT at the same lr, from one SFT model\n\n"
         f"Exact match on {s['eval_problems']} held-out addition problems (the stages' own evaluation, greedy), "
         f"mean ± std over seeds {', '.join(map(str, header['seeds']))}:\n\n{t1}\n\n{fin}\n\n"
-        f"## (2) Forgetting: addition (A), then multiplication (B) by SFT or GRPO\n\n"
+        f"## (2) Forgetting, first design (untestable; superseded by [rl_forgetting.md](rl_forgetting.md)): "
+        f"addition (A), then multiplication (B) by SFT or GRPO\n\n"
         f"Seeds {', '.join(map(str, header['seeds_forget']))}; every arm starts from one shared warm-start "
         f"(the addition model answers {100 * b['mul_em']:.0f}% of multiplications: GRPO would get no reward "
         f"signal).\n\n{part2}\n\n## Every run\n\n{t4}\n\n"
