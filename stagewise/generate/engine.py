@@ -5,8 +5,9 @@ records each row's padding (KVCache.pad), so row b's token in slot j sits at RoP
 j - pad[b] and no query attends to padding. One forward fills the cache with every prompt; each
 further step feeds one token per row. The sampled tokens, the stop test and the finished flags
 stay on the device; the host looks at them only every `sync_every` tokens, to end early when all
-rows have stopped and to drop finished rows from the batch and the cache (a long tail of one
-slow row then costs one row's compute, not B rows').
+rows have stopped and (eager decoding) to drop finished rows from the batch and the cache (a long
+tail of one slow row then costs one row's compute, not B rows'). Only the prompt's last position
+goes through the output head.
 
 Stopping: a row ends at the first of `stop_ids` (the chat template's end-of-turn tokens and eos);
 that token is not part of `tokens` but is reported in `stop_token`. Otherwise a row ends after
@@ -83,7 +84,8 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                    sync_every: int = 8, compile: bool | str = False) -> Generation:
     """Continue every prompt (lists of token ids, each non-empty); see the module docstring.
     compile: decode with torch.compile'd Transformer.decode_step (static shapes: every step attends
-    to the whole cache, masked), compiled once per model and batch size; a string names the
+    to the whole cache, masked), compiled once per model and batch size; finished rows then stay in
+    the batch (dropping them would change the shape and recompile). A string names the
     torch.compile backend (True: inductor). The prompt's forward stays eager."""
     t0 = time.perf_counter()
     if any(len(p) == 0 for p in prompts):
@@ -114,7 +116,9 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
     stopped_at = torch.full((B,), -1, dtype=torch.long, device=device)
     ent = torch.zeros((), dtype=torch.float64, device=device)
     ent_n = torch.zeros((), dtype=torch.long, device=device)
-    logits = model(ids.to(device), cache=cache)[:, -1]
+    # The prompt fills the cache; only its last position needs the output head (a 262k-token head over
+    # every prompt position was most of a Gemma call).
+    logits = model.output(model.hidden_states(ids.to(device), cache=cache)[:, -1])
     step_fn = None
     if compile:
         step_fn = _compiled_decode(model, "inductor" if compile is True else compile)
@@ -138,7 +142,7 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
             n_live = int(live.sum())          # the host sync, once per sync_every tokens
             if n_live == 0:
                 break
-            if n_live < rows.numel():
+            if n_live < rows.numel() and step_fn is None:  # compiled: the batch keeps its shape (one graph)
                 keep_rows = live.nonzero().squeeze(1)
                 rows, done, token, logits = rows[keep_rows], done[keep_rows], token[keep_rows], logits[keep_rows]
                 cache.select(keep_rows)

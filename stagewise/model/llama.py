@@ -353,10 +353,11 @@ class Transformer(nn.Module):
         return h
 
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                      doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                      doc_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """The output head's input [B, T, d] (final norm applied), for objectives that need more of the
-        head's output than one token's log-prob (the full distribution: a KL to a reference model)."""
-        return self._trunk(tokens, None, positions, doc_ids)
+        head's output than one token's log-prob (the full distribution: a KL to a reference model), and
+        for a prompt's cached forward, whose head is needed at its last position only."""
+        return self._trunk(tokens, cache, positions, doc_ids)
 
     def _trunk(self, tokens: torch.Tensor, cache: KVCache | None, positions: torch.Tensor | None,
                doc_ids: torch.Tensor | None) -> torch.Tensor:
