@@ -109,7 +109,7 @@ def policy_preference(model_dir, seed: int, cache: dict) -> dict:
     import torch
 
     from stagewise import rundir
-    from stagewise.config.schema import ArithmeticConfig, DPOConfig, PreferenceSourceConfig
+    from stagewise.config.post_training import ArithmeticConfig, DPOConfig, PreferenceSourceConfig
     from stagewise.data import Tokenizer
     from stagewise.data.preference import load_preference_data
     from stagewise.data.preference_batches import padded_batch

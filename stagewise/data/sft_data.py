@@ -16,7 +16,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from stagewise.config.schema import ChatSourceConfig, SFTConfig
+from stagewise.config.post_training import ChatSourceConfig, SFTConfig
 from stagewise.data.batch import IGNORE_INDEX
 from stagewise.data.chat import ChatTemplate, require_template
 from stagewise.data.conversations import Conversation, read_conversations
