@@ -257,6 +257,24 @@ def check_consistency(cfg: RunConfig) -> None:
     if not re.fullmatch(r"[\w.\-]+", cfg.name):
         raise ConfigError(f"name: expected letters, digits, '.', '_' or '-', got {_show(cfg.name)}")
     _check_precision(cfg)
+    _check_optim(cfg)
+
+
+def _check_optim(cfg: RunConfig) -> None:
+    """Optimizer/precision/adapter combinations (optim/optimizer.py check_optimizer), and a stage that keeps
+    the previous stage's optimizer state must use the same optimizer (its state has another layout)."""
+    from stagewise.optim.optimizer import check_optimizer
+
+    if not cfg.stages:
+        modes = [cfg.precision.mode] + [s.mode for s in cfg.precision.schedule]
+        check_optimizer(cfg.optim, "optim", modes, cfg.adapter.kind)
+        return
+    for i, st in enumerate(cfg.stages):
+        check_optimizer(st.optim, f"stages[{i}].optim", [st.precision or cfg.precision.mode], st.adapter.kind)
+        prev = cfg.stages[i - 1].optim.name if i else None
+        if prev is not None and st.optimizer_state == "keep" and prev != st.optim.name:
+            raise ConfigError(f"stages[{i}].optimizer_state: keep carries {cfg.stages[i - 1].name}'s {prev} state, "
+                              f"which {st.optim.name} cannot use; set optimizer_state: reset (or the same optim.name)")
 
 
 def _check_sft(sft, where: str, has_tokenizer, init_key: str) -> None:

@@ -110,9 +110,17 @@ class DataConfig:
     seq_len: int = opt(512, "Tokens per training sequence (the model predicts seq_len next tokens).", gt=0)
 
 
+OPTIMIZERS = ["adamw", "adamw-8bit", "adamw-4bit", "galore", "galore-8bit", "fira", "apollo", "apollo-mini", "muon"]
+
+
 @dataclass
 class OptimConfig:
-    name: str = opt("adamw", "Optimizer.", choices=["adamw"])
+    name: str = opt("adamw", "Optimizer (docs/memory.md): adamw; adamw-8bit / adamw-4bit (block-wise quantized "
+                    "moments); galore / galore-8bit (Adam in an SVD subspace of each covered matrix's gradient); fira "
+                    "(GaLore plus the scaled residual); apollo / apollo-mini (random projection, channel- or tensor-wise "
+                    "gradient scaling); muon (Newton-Schulz orthogonalised momentum). The low-rank kinds and muon apply "
+                    "to the matrices named by optim.targets; every other parameter takes AdamW.",
+                    choices=OPTIMIZERS)
     lr: float = opt(3e-3, "Peak learning rate.", gt=0)
     weight_decay: float = opt(0.1, "Decoupled weight decay; applied to matrices only, never to norms or embeddings.", ge=0)
     beta1: float = opt(0.9, "Adam beta1.", ge=0, lt=1)
@@ -121,6 +129,30 @@ class OptimConfig:
     implementation: str = opt(
         "auto", "AdamW kernel: fused, foreach or for-loop; auto picks fused where the device supports it.",
         choices=["auto", "fused", "foreach", "for-loop"])
+    targets: list[str] = opt(["attention", "feed_forward"], "galore, galore-8bit, fira, apollo, apollo-mini, muon: "
+                             "the 2-D weights whose parameter names contain one of these strings (default: every "
+                             "attention and MLP matrix); embeddings, the output head, norms and other parameters "
+                             "take AdamW.")
+    rank: Optional[int] = opt(None, "galore, galore-8bit, fira, apollo: rank of the gradient projection (capped at "
+                              "each matrix's shorter side); null: model.d_model / 4 (GaLore's setting). apollo-mini "
+                              "is rank 1.", gt=0)
+    update_proj_gap: int = opt(200, "galore, galore-8bit, fira, apollo, apollo-mini: steps between projection "
+                               "refreshes (an SVD of the gradient, or a new random matrix).", gt=0)
+    proj_scale: Optional[float] = opt(None, "Scale of the projected update: galore/galore-8bit/fira multiply by it "
+                                      "(null: 0.25), apollo/apollo-mini by its square root (null: 1 and 128).", gt=0)
+    proj_side: str = opt("auto", "Which side of an m x n gradient is projected: auto (the shorter one: right when "
+                         "m >= n, as GaLore does), left or right.", choices=["auto", "left", "right"])
+    scale_type: Optional[str] = opt(None, "apollo, apollo-mini: gradient scaling per channel or per tensor; null: "
+                                    "channel for apollo, tensor for apollo-mini.", choices=["channel", "tensor"])
+    limiter: bool = opt(True, "fira, apollo, apollo-mini: the norm-growth limiter (the scaled update's norm grows "
+                        "at most 1.01x per step).")
+    muon_momentum: float = opt(0.95, "muon: momentum of the Muon half.", ge=0, lt=1)
+    muon_nesterov: bool = opt(True, "muon: Nesterov momentum.")
+    muon_ns_steps: int = opt(5, "muon: Newton-Schulz iterations.", gt=0)
+    muon_lr_adjust: str = opt("match-rms-adamw", "muon: per-matrix lr adjustment; match-rms-adamw scales Muon's "
+                              "step to AdamW's update RMS (0.2 sqrt(max(m, n))), so optim.lr serves both halves; "
+                              "original: sqrt(max(1, m / n)) (Keller Jordan's).",
+                              choices=["match-rms-adamw", "original"])
 
 
 @dataclass

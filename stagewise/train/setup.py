@@ -51,7 +51,7 @@ class Trainee:
 
     def optimizer_factory(self, stage: Stage, device):
         ratio = stage.cfg.adapter.lora_plus_ratio if self.adapter is not None else 1.0
-        return lambda m: build_optimizer(stage.cfg.optim, m, device, lora_plus_ratio=ratio)
+        return lambda m: build_optimizer(stage.cfg.optim, m, device, lora_plus_ratio=ratio, seed=stage.cfg.seed)
 
 
 def _load_base(model, source, what: str) -> None:
