@@ -180,6 +180,13 @@ class TrainConfig:
                         "1.09-1.17x tokens/s and 12-29% less peak memory on the CPU benchmark models, +2% at "
                         "the quickstart's size (bench/README.md), for a one-off compile of seconds to a minute; "
                         "losses match eager within 5e-3 over 50 steps (tests/test_cli.py).")
+    activation_checkpointing: str = opt(
+        "none", "Recompute block activations in the backward instead of keeping them (docs/memory.md): full (a "
+        "block keeps only its input; about one more forward per step), selective (keeps its matmul and attention "
+        "outputs, recomputes norms, RoPE and activations: no GEMM replayed) or none. Gradients are bitwise "
+        "unchanged.", choices=["none", "full", "selective"])
+    checkpoint_every: int = opt(1, "activation_checkpointing: checkpoint every k-th block (blocks 0, k, 2k, ...).",
+                                gt=0)
 
 
 @dataclass
@@ -252,6 +259,17 @@ class PrecisionConfig:
 class EvalConfig:
     every: int = opt(100, "Evaluate validation loss every N steps (and at the end); 0 only at the end.", ge=0)
     batches: int = opt(8, "Validation batches per evaluation (a fixed, deterministic subset).", gt=0)
+
+
+@dataclass
+class MemoryConfig:
+    probe: bool = opt(True, "Measure the memory of one step by component (weights, gradients, optimizer states, "
+                      "activations, the loss's working set, the tracked peak) beside the plan's prediction, in "
+                      "RUN_DIR/memory.json (docs/memory.md); that step runs slower. Skipped with train.compile.")
+    limit: Optional[str] = opt(
+        "auto", "Before the first step, stop when the predicted peak exceeds this: auto (the device's memory: CUDA "
+        "total memory, on CPU MemAvailable when the run starts), a size such as 8GiB or 512MiB, or null (never "
+        "check). The error names settings that would fit.")
 
 
 @dataclass
@@ -382,6 +400,7 @@ class RunConfig:
     precision: PrecisionConfig = opt(PrecisionConfig, "Numeric precision.")
     eval: EvalConfig = opt(EvalConfig, "Validation during training.")
     checkpoint: CheckpointConfig = opt(CheckpointConfig, "Checkpointing.")
+    memory: MemoryConfig = opt(MemoryConfig, "Memory plan checks and measurement (docs/memory.md).")
     log: LogConfig = opt(LogConfig, "Progress display.")
     sample: SampleConfig = opt(SampleConfig, "Samples printed at the end of training.")
     sft: SFTConfig = opt(SFTConfig, "Supervised fine-tuning (kind sft; docs/sft.md).")

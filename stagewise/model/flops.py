@@ -48,7 +48,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
 
 def estimate_memory(cfg: ModelConfig, batch_size: int, seq_len: int, param_bytes: int = 4,
                     grad_bytes: int = 4, optim_bytes_per_param: int = 8, act_bytes: int = 4,
-                    fused_loss: bool = True, gemm_bytes: int | None = None) -> dict[str, int]:
+                    fused_loss: bool = True, gemm_bytes: int | None = None, checkpointing: str = "none",
+                    checkpoint_every: int = 1) -> dict[str, int]:
     """Training memory in bytes. `act_bytes` is the matmul compute width: 4 for fp32, 2 under bf16
     autocast with fp32 weights (the configuration stagewise trains in).
 
@@ -69,13 +70,20 @@ def estimate_memory(cfg: ModelConfig, batch_size: int, seq_len: int, param_bytes
       autocast     when act_bytes != param_bytes, a low-precision copy of every matmul weight, kept
                    for the backward of the input's gradient; when act_bytes != 4, the cos/sin
                    tables cast to the compute dtype (4 per layer, seq_len x head_dim, not per row)
-    logits is the loss's side. With fused_loss (model/loss.py, the default training path) the
-    buffers one chunk reuses — its logits (at `gemm_bytes`, the GEMMs' width: 4 under the CPU bf16
-    emulation, else act_bytes), fp32 probabilities, under the emulation a bf16 rounding buffer —
-    the stored gradients for the hidden states (act_bytes) and the head's weight (fp32), the head
-    weight at the GEMMs' width, and with more than one chunk in native low precision the buffer
-    each chunk's weight-gradient GEMM writes before it is added to the fp32 sum. Without it, B*T*V logits at act_bytes, the
-    fp32 copy the log-softmax saves, and one fp32 gradient of the same size during backward.
+    logits is the loss's peak working set (the forward's highest point above the activations), as
+    the memory probe measures it (stagewise/memory/measure.py). With fused_loss (model/loss.py, the
+    default training path): the stored gradients for the hidden states (act_bytes) and the head's
+    weight (fp32); the head weight rounded to the compute dtype and held at the GEMMs' width (not in
+    fp32, where it is the weight itself); the buffers one chunk reuses — its logits (at `gemm_bytes`,
+    4 under the CPU bf16 emulation, else act_bytes) and fp32 probabilities, in native low precision
+    also the fp32 copy of the logits the softmax makes, under the emulation a bf16 rounding buffer
+    and the hidden states widened to fp32 — and with more than one chunk in native low precision the
+    weight-gradient GEMM's buffer. loss_stored is what the forward leaves for the backward beyond the
+    activations: the head weight's fp32 gradient (the hidden-state gradient replaces the head's input,
+    which is freed). Without the fused loss, B*T*V logits at act_bytes, the fp32 copy the
+    log-softmax saves, and one fp32 gradient of the same size during backward.
+    checkpointing/checkpoint_every: activation checkpointing (model/checkpointing.py).
+    backward_held: what the backward holds beside the gradients at its high point (see below).
     """
     n_kv, hd, ffn = resolved_dims(cfg)
     counts = param_counts(cfg)
@@ -88,11 +96,18 @@ def estimate_memory(cfg: ModelConfig, batch_size: int, seq_len: int, param_bytes
                  + 4 * a * ffn)                          # SwiGLU
     if cfg.qk_norm:
         per_layer += (H + n_kv) * (a * hd + 4)  # QK-norm input at act_bytes (the q/k projection's output), fp32 rstd
-    act = N * (cfg.n_layers * per_layer + norm(d) + a * d + 8)
-    if autocast:
-        act += a * counts["matmul"]
-    if act_bytes != 4:
-        act += cfg.n_layers * 4 * seq_len * hd * a
+    # Activation checkpointing (model/checkpointing.py): a checkpointed block keeps its fp32 input;
+    # a selective one also every matmul's output (q/k/v/o, SDPA's output and logsumexp, w1/w3/w2);
+    # neither keeps its autocast weight copies (recomputed with the rest).
+    selective = 4 * d + a * ((H + 2 * n_kv) * hd + H * hd + 2 * d + 2 * ffn) + 4 * H
+    kept = {"none": per_layer, "full": 4 * d, "selective": selective}[checkpointing]
+    checkpointed = 0 if checkpointing == "none" else -(-cfg.n_layers // checkpoint_every)
+    block_matmul = (counts["matmul"] - cfg.vocab_size * d) // max(cfg.n_layers, 1)
+    act = N * ((cfg.n_layers - checkpointed) * per_layer + checkpointed * kept + norm(d) + a * d + 8)
+    if autocast:  # the saved weight copies; the fused loss's copy of the head is its own transient
+        act += a * (counts["matmul"] - checkpointed * block_matmul - (cfg.vocab_size * d if fused_loss else 0))
+    if act_bytes != 4:  # the cos/sin casts, saved by RoPE's products (recomputed in checkpointed blocks)
+        act += (cfg.n_layers - checkpointed) * 4 * seq_len * hd * a
     out = {
         "params": param_bytes * counts["total"],
         "grads": grad_bytes * counts["total"],
@@ -104,14 +119,27 @@ def estimate_memory(cfg: ModelConfig, batch_size: int, seq_len: int, param_bytes
         V, g = cfg.vocab_size, gemm_bytes or a
         chunks = -(-N // chunk_rows(V, d, a))
         rows = -(-N // chunks)
-        # stored gradients: hidden states (act_bytes), the head weight (fp32); the weight rounded to
-        # the compute dtype and held at the GEMMs' width
-        out["logits"] = N * d * a + V * d * 4 + V * d * g
+        # Stored to the backward: the gradients for the hidden states (act_bytes) and the head weight
+        # (fp32); the head's input, no longer needed, is freed, so the forward ends V*d*4 higher.
+        out["loss_stored"] = V * d * 4
+        peak = N * d * a + V * d * 4
+        if a != param_bytes or g != a:  # the weight rounded to the compute dtype, held at the GEMMs' width
+            peak += V * d * g
         if g == 4 and a == 4:    # fp32: logits and probabilities buffers
-            out["logits"] += rows * V * 8
+            peak += rows * V * 8
         elif g == 4:             # CPU bf16 emulation: fp32 logits and probabilities, a bf16 rounding buffer,
-            out["logits"] += rows * V * (8 + a) + N * d * 4  # the hidden states widened to fp32
-        else:                    # native low precision: logits, fp32 probabilities, the weight-gradient buffer
-            out["logits"] += rows * V * (a + 4) + (V * d * a if chunks > 1 else 0)
-    out["total"] = sum(out.values())
+            peak += rows * V * (8 + a) + N * d * 4  # the hidden states widened to fp32
+        else:                    # native low precision: the logits, and at the softmax both their fp32 copy and
+            peak += rows * V * (a + 8) + (V * d * a if chunks > 1 else 0)  # the fp32 probabilities; wgrad buffer
+        if g == 4:  # the hidden-state gradient's product and mask (2 x rows x d) while both buffers are live
+            peak += rows * 2 * d * g
+        out["logits"] = peak + rows * 48  # ~48 bytes of row vectors (targets, masks, maxima, log-sum-exp)
+    out.setdefault("loss_stored", N * cfg.vocab_size * (a + 4))  # unfused: the logits and the saved log-softmax
+    # What the backward holds beside the gradients at its high point: one block's full activations
+    # (the last still held, or a checkpointed block's recompute) and that block's gradient buffers.
+    out["backward_held"] = N * (per_layer + 4 * (2 * ffn + 2 * d))
+    # autocast caches each weight's cast for the whole forward; a checkpointed block's copies are saved
+    # by nothing, but live until autocast exits (native low precision; the emulation casts per call)
+    out["autocast_cache"] = a * checkpointed * block_matmul if autocast and (gemm_bytes or a) == a else 0
+    out["total"] = sum(v for k, v in out.items() if k not in ("loss_stored", "backward_held", "autocast_cache"))
     return out

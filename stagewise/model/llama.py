@@ -232,7 +232,9 @@ class Transformer(nn.Module):
         # forward(targets=...) fuses the output projection with the loss (model/loss.py); a
         # precision mode whose numerics live in the plain ops (fp16 emulation) switches it off.
         self.fused_loss = True
-        self._compiled: list | None = None  # compile_blocks()
+        self._compile = False          # compile_blocks()
+        self._checkpoint_wrap = None   # checkpoint_blocks()
+        self._runners: list | None = None  # what an uncached forward calls per block, when not the blocks
         if cfg.rope_local_base is not None:  # local layers rotate with their own base, unscaled (Gemma 3)
             cos, sin = rope_tables(self.head_dim, cfg.max_seq_len, cfg.rope_local_base)
             self.register_buffer("rope_local_cos", cos, persistent=False)
@@ -254,14 +256,34 @@ class Transformer(nn.Module):
             # Round fused intermediates to bf16/fp16 wherever eager would: without it inductor
             # keeps them in fp32 and bf16 losses drift from eager's by >1e-3 within 50 steps.
             inductor_config.emulate_precision_casts = True
-        self._compiled = [torch.compile(layer) for layer in self.layers] if enabled else None
+        self._compile = enabled
+        self._build_runners()
+
+    @property
+    def compiled(self) -> bool:
+        return self._compile
+
+    def checkpoint_blocks(self, wrap=None) -> None:
+        """Activation checkpointing: wrap(i, block) is what an uncached forward runs for block i
+        (model/checkpointing.py checkpoint_wrapper; None: the blocks themselves). Applied inside compile,
+        as torchtitan orders them, so that inductor sees the recompute boundary."""
+        self._checkpoint_wrap = wrap
+        self._build_runners()
+
+    def _build_runners(self) -> None:
+        runners = list(self.layers)
+        if self._checkpoint_wrap is not None:
+            runners = [self._checkpoint_wrap(i, b) for i, b in enumerate(runners)]
+        if self._compile:
+            runners = [torch.compile(r) for r in runners]
+        self._runners = runners if self._compile or self._checkpoint_wrap is not None else None
 
     def activation_sites(self) -> dict[str, nn.Module]:
         """The modules an uncached forward calls whose outputs are the activations: each block (its
-        compiled wrapper after compile_blocks, so that hooks stay outside the compiled code), the
+        compiled or checkpointed wrapper, so that hooks stay outside the compiled code), the
         final norm (the output head's input) and the head (the logits; the fused loss never calls
         it). Code outside the model hooks them (precision telemetry, stagewise/precision/act_grads.py)."""
-        blocks = self._compiled if self._compiled is not None else self.layers
+        blocks = self._runners if self._runners is not None else self.layers
         return {**{f"layers.{i}": b for i, b in enumerate(blocks)}, "head_input": self.norm, "logits": self.output}
 
     @torch.no_grad()
@@ -377,7 +399,7 @@ class Transformer(nn.Module):
         if packed:
             inputs, local_inputs = self._packed_attention_inputs(inputs, local_inputs, positions, doc_ids)
         h = self._embed(tokens)
-        layers = self._compiled if self._compiled is not None and cache is None else self.layers
+        layers = self._runners if self._runners is not None and cache is None else self.layers
         for i, layer in enumerate(layers):
             h = layer(h, *(local_inputs if self.local[i] else inputs), cache, i)
         if cache is not None:

@@ -49,7 +49,8 @@ def _side(shape, side: str) -> str:
 
 def _svd_projector(grad: torch.Tensor, rank: int, side: str) -> torch.Tensor:
     U, _, Vh = torch.linalg.svd(grad.float(), full_matrices=False)
-    return Vh[:rank, :] if side == "right" else U[:, :rank]
+    # A copy, not a view: a view would keep all of U or Vh (min(m, n) columns) alive in the state.
+    return (Vh[:rank, :] if side == "right" else U[:, :rank]).clone()
 
 
 def _random_projector(shape, rank: int, side: str, seed: int, device) -> torch.Tensor:

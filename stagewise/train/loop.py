@@ -11,6 +11,7 @@ the step; and metrics lines past the checkpoint are dropped on resume.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -21,6 +22,7 @@ import torch
 from stagewise import rundir
 from stagewise.checkpoint import save_checkpoint
 from stagewise.config.schema import ModelConfig
+from stagewise.memory import StageMemory
 from stagewise.model import flops_per_token
 from stagewise.precision.schedule import stage_due, switch_precision
 from stagewise.train import setup
@@ -119,7 +121,7 @@ def fit(stage: Stage, mcfg: ModelConfig, device: torch.device, checkpoint: Path 
     if counters.step >= stage.end():
         log(f"run already complete at step {counters.step}/{stage.end()}")
         return None
-    trainee.model.compile_blocks(trainee.precision.compiles(cfg.train.compile, log))          # 3. compile
+    trainee.model.compile_blocks(trainee.precision.compiles(cfg.train.compile, log))          # 4. compile
     if stage.bind is not None:
         stage.bind(trainee)
     fpt = flops_per_token(mcfg, stage.flops_seq_len)
@@ -132,7 +134,9 @@ def fit(stage: Stage, mcfg: ModelConfig, device: torch.device, checkpoint: Path 
     steplog = StepLog(stage, MetricsLog(stage.run_dir / rundir.METRICS, resume_step=counters.step if checkpoint else 0),
                       Progress(stage.end(), counters.step, cfg.log.progress, cfg.log.every), counters, fpt,
                       peak_flops(device, trainee.precision.gemm_dtype))
-    _loop(stage, trainee, state, steplog, device, log)
+    memory = StageMemory(stage, mcfg, device, first_step=counters.step)
+    _loop(stage, trainee, state, steplog, device, log, memory)
+    memory.finish(device)
     steplog.progress.close()
     steplog.metrics.close()
     if counters.skipped_steps:
@@ -140,7 +144,8 @@ def fit(stage: Stage, mcfg: ModelConfig, device: torch.device, checkpoint: Path 
     return trainee.model
 
 
-def _loop(stage: Stage, trainee: setup.Trainee, state: TrainState, steplog: StepLog, device, log) -> None:
+def _loop(stage: Stage, trainee: setup.Trainee, state: TrainState, steplog: StepLog, device, log,
+          memory: StageMemory) -> None:
     cfg, counters = stage.cfg, state["counters"]
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "-1"))
 
@@ -161,8 +166,12 @@ def _loop(stage: Stage, trainee: setup.Trainee, state: TrainState, steplog: Step
             micro = [b.to(device) for b in micro]
             _maybe_switch_precision(stage, trainee, state, counters.step, device, steplog.progress)
             lr = stage.lr(counters.step)
-            result = train_step(trainee.model, trainee.optimizer, trainee.precision, stage.objective, micro, lr,
-                                cfg.train.grad_clip, normaliser=normaliser)
+            probe = memory.probe(trainee, counters.step)
+            with probe or contextlib.nullcontext():
+                result = train_step(trainee.model, trainee.optimizer, trainee.precision, stage.objective, micro, lr,
+                                    cfg.train.grad_clip, normaliser=normaliser, observer=probe)
+            if probe is not None:
+                memory.record(probe, counters.step + 1, device)
             steplog.flush(t0)  # the previous step's line, now that this step is queued
             counters.step += 1
             step_tokens = sum(b.inputs.numel() for b in micro)  # padding included; padded SFT rows vary
@@ -170,6 +179,8 @@ def _loop(stage: Stage, trainee: setup.Trainee, state: TrainState, steplog: Step
             step = counters.step
             # stage index, realised mixture shares; loss scale, gradient/update format telemetry
             extra = {**stage.metrics(), **trainee.precision.metrics()}
+            if probe is not None:
+                extra["memory_probe"] = True  # this step ran under the tracker: its step_time_s is not a step's
             steplog.queue({"step": step, "tokens": counters.tokens_seen, "step_tokens": step_tokens, "lr": lr,
                            "mem": peak_memory_bytes(device), "extra": extra}, result, t0)
             evaluate_now = step == stage.end() or bool(cfg.eval.every and step % cfg.eval.every == 0)

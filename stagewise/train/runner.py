@@ -81,6 +81,7 @@ def start(cfg: RunConfig, log=print) -> Path:
         from stagewise.adapters import validate
 
         validate(mcfg, stage.cfg.adapter, stage.cfg.precision.mode)
+        check_memory(stage, mcfg, device)
 
     run.run_dir = run_dir = rundir.new_run_dir(cfg.out_dir, cfg.name)
     run_dir.mkdir(parents=True)
@@ -163,6 +164,16 @@ def load_run(run_dir: Path, log) -> tuple[RunConfig, ModelConfig, dict, torch.de
     return cfg, mcfg, info, pick_device(cfg.device)
 
 
+def check_memory(stage, mcfg: ModelConfig, device) -> None:
+    """memory.limit: a one-line error before anything runs when the stage's predicted peak does not fit."""
+    from stagewise.memory import check_budget, predict
+    from stagewise.memory.predict import emulates_bf16
+
+    def predict_fn(c, m):
+        return predict(c, m, emulates_bf16(c.precision.mode, device))
+    check_budget(stage.cfg, predict_fn(stage.cfg, mcfg), mcfg, device, predict_fn)
+
+
 def resume(run_dir: str | Path, log=print) -> Path:
     run_dir = Path(run_dir)
     cfg, mcfg, info, device = load_run(run_dir, log)
@@ -201,6 +212,8 @@ def _drive(run: RunData, mcfg: ModelConfig, device, ckpt, log) -> None:
     model = None
     for i in range(index, plan.n_stages(cfg)):
         stage = build_stage(run, i, start)
+        if ckpt is not None:  # a resume may run on another machine than the start did
+            check_memory(stage, mcfg, device)
         if run.staged:
             mix = getattr(stage.source, "probs", None)
             shares = f", mixture: {', '.join(f'{n} {p:.1%}' for n, p in mix.items())}" if mix else ""

@@ -5,8 +5,10 @@ Model transforms are applied from outside the model code, always in this order:
   1. precision swaps  (precision.setup: fp8/fake-quant linears, bf16-pure casts, fp16 emulation;
                        modules named in `keep` are left alone, as adapters will need)
   2. adapters         (stagewise/adapters: LoRA / DoRA on the frozen, optionally packed base)
-  3. compile          (regional torch.compile of the blocks, when the precision allows it)
-  4. sharding         (the distributed issue)
+  3. checkpointing    (model/checkpointing.py: activation checkpointing of the blocks)
+  4. compile          (regional torch.compile of the blocks, when the precision allows it; each
+                       compiled block contains its checkpoint wrapper)
+  5. sharding         (the distributed issue)
 
 A stage starts from scratch, from `init_from`, from the previous stage's final checkpoint (a
 boundary), or from its own checkpoint (a resume); all four go through `build` and `restore`.
@@ -26,6 +28,7 @@ from stagewise.checkpoint.store import read_train_record
 from stagewise.config.schema import ModelConfig, PrecisionStageConfig
 from stagewise.errors import CheckpointError
 from stagewise.model import Transformer
+from stagewise.model.checkpointing import checkpoint_wrapper
 from stagewise.optim import build_optimizer
 from stagewise.precision import build_precision
 from stagewise.precision.schedule import switch_precision
@@ -92,6 +95,8 @@ def build(stage: Stage, mcfg: ModelConfig, device: torch.device, checkpoint, dat
             raise CheckpointError(f"{checkpoint}: holds a full model, not adapters; this stage trains adapters "
                                   f"(adapter.kind {cfg.adapter.kind})")
         adapter = adapters.prepare(model, cfg.adapter, precision, stage.base, saved, data, cfg.seed)
+    model.checkpoint_blocks(checkpoint_wrapper(cfg.train.activation_checkpointing,                 # 3. checkpointing
+                                               cfg.train.checkpoint_every))
     trainee = Trainee(model, precision, None, adapter, from_export)
     trainee.optimizer = precision.setup_optimizer(trainee.optimizer_factory(stage, device)(model))
     return trainee, record

@@ -41,13 +41,14 @@ class StepResult(NamedTuple):
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
                objective: Objective, micro_batches: Sequence[Batch], lr: float,
-               grad_clip: float, normaliser: int | None = None) -> StepResult:
+               grad_clip: float, normaliser: int | None = None, observer=None) -> StepResult:
     """One optimizer step over `micro_batches` (gradient accumulation).
 
     normaliser: what the summed loss is divided by; by default the objective's count of the
     micro-batches (a bare function counts target tokens) — a host sync if they are on a GPU,
     so the loop counts on the CPU batches and passes it. The step itself does not wait for the
-    device (docs/guide.md says which precision modes still do).
+    device (docs/guide.md says which precision modes still do). observer: told when each forward
+    and the backward are done (the memory probe, stagewise/memory/measure.py); it changes nothing.
     """
     count = getattr(objective, "count", num_targets)
     total = normaliser or sum(count(mb) for mb in micro_batches)
@@ -60,6 +61,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, precisi
     for mb in micro_batches:
         with precision.autocast():
             out = objective(model, mb)
+        if observer is not None:
+            observer.forward_done()
         precision.backward(out.loss_sum / total)
         part = out.loss_sum.detach().float()
         loss_sum = part if loss_sum is None else loss_sum + part
@@ -70,6 +73,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, precisi
             value = value.detach().float()
             metric_counts[name] = value if name not in metric_counts else metric_counts[name] + value
 
+    if observer is not None:
+        observer.backward_done()
     precision.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     # max_norm=inf measures the norm without clipping, so grad_norm is always reported.

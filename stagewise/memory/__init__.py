@@ -1,0 +1,73 @@
+"""Memory: the plan's prediction by component, its measurement in the run, and the check before step 1.
+
+  predict.py   components from the recipe alone (what `stagewise plan` prints)
+  measure.py   the same components measured on one step (torch's MemTracker)
+  budget.py    the check that stops a run whose predicted peak exceeds the device, naming what fits
+
+RUN_DIR/memory.json holds, per stage, the settings, the prediction and the measurement
+(`stagewise report` shows them side by side; docs/memory.md).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from stagewise.memory.budget import check_budget
+from stagewise.memory.predict import emulates_bf16, predict, state_total
+
+MEMORY_FILE = "memory.json"
+
+
+def settings(cfg) -> dict:
+    """What the prediction depends on, as memory.json records it."""
+    return {"precision": cfg.precision.mode, "optimizer": cfg.optim.name, "batch_size": cfg.train.batch_size,
+            "seq_len": cfg.data.seq_len, "grad_accum": cfg.train.grad_accum,
+            "activation_checkpointing": cfg.train.activation_checkpointing,
+            "checkpoint_every": cfg.train.checkpoint_every, "adapter": cfg.adapter.kind}
+
+
+class StageMemory:
+    """One stage's memory record: predicted at the start, measured at the probe step, peak RSS at the end."""
+
+    def __init__(self, stage, mcfg, device, first_step: int):
+        self.stage, self.path, self.device = stage, Path(stage.run_dir) / MEMORY_FILE, device
+        cfg = stage.cfg
+        self.predicted = predict(cfg, mcfg, emulated_bf16=emulates_bf16(cfg.precision.mode, device))
+        # The second step this process takes has the optimizer's states; a stage left with one step probes it.
+        self.probe_step = first_step + (1 if stage.end() - first_step >= 2 else 0)
+        self.record_ = {"settings": settings(cfg), "predicted": self.predicted,
+                        "predicted_state_total": state_total(self.predicted)}
+
+    def probe(self, trainee, step: int):
+        cfg = self.stage.cfg
+        if step != self.probe_step or not cfg.memory.probe or getattr(trainee.model, "compiled", False):
+            return None
+        from stagewise.memory.measure import MemoryProbe
+
+        return MemoryProbe(trainee.model, trainee.optimizer, self.device)
+
+    def record(self, probe, step: int, device) -> None:
+        from stagewise.train.metrics import peak_memory_bytes
+
+        self.record_["measured"] = {**probe.result(), "at_step": step}
+
+        self.record_["measured"]["peak_process_bytes"] = peak_memory_bytes(device)
+        self._write()
+
+    def finish(self, device) -> None:
+        from stagewise.train.metrics import peak_memory_bytes
+
+        if "measured" in self.record_:
+            self.record_["measured"]["peak_process_bytes"] = peak_memory_bytes(device)
+            self._write()
+
+    def _write(self) -> None:
+        from stagewise.rundir import write_json
+
+        data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        data[self.stage.name] = self.record_
+        write_json(self.path, data)
+
+
+__all__ = ["MEMORY_FILE", "StageMemory", "check_budget", "predict", "settings", "state_total"]
