@@ -56,9 +56,12 @@ def _add_training_commands(sub, fmt) -> None:
                         formatter_class=fmt, epilog=_config_epilog(),
                         description="Resolve a recipe and print: the resolved config, parameter counts, "
                         "FLOPs per token (6*N_matmul + 12*L*H*Dh*T, PaLM appendix B), tokens per step, a "
-                        "predicted peak memory split into weights, gradients, optimizer states, activations "
-                        "and logits plus the process's fixed overhead (python with torch and stagewise imported, "
-                        "measured once per machine), and the cached peak GEMM rate MFU divides by. With init_from "
+                        "step's predicted memory per stage by component (weights, gradients, optimizer states "
+                        "for optim.name, activations for train.activation_checkpointing, the fused loss's working "
+                        "set, a reference copy), the step's tracked peak, the process's fixed overhead (python "
+                        "with torch and stagewise imported, measured once per machine) and whether the total "
+                        "fits memory.limit (docs/memory.md; each run measures the same components into "
+                        "RUN_DIR/memory.json), and the cached peak GEMM rate MFU divides by. With init_from "
                         "the model is the source's own architecture. Nothing is trained; only the per-machine "
                         "caches in ~/.cache/stagewise are written. " + OVERRIDES_HELP)
     pl.add_argument("recipe", help="path to a recipe YAML")
@@ -191,7 +194,8 @@ def _add_data_and_report_commands(sub, fmt) -> None:
 
     rp = sub.add_parser("report", help="write an offline HTML report of a run (loss, LR, stages, forgetting)",
                         description="Write RUN_DIR/report/index.html with PNG figures beside it: run summary, "
-                        "training loss, learning rate and, for multi-stage runs, per-domain validation loss with "
+                        "training loss, learning rate, the memory plan against its measurement (memory.json; "
+                        "also printed here) and, for multi-stage runs, per-domain validation loss with "
                         "stage boundaries, mixture/replay proportions, the forgetting matrix and the stability "
                         "gap. Needs matplotlib (pip install 'stagewise[experiments]'); the page loads nothing "
                         "from the network. See docs/report.md.")

@@ -266,6 +266,14 @@ def cmd_report(args, extra) -> int:
     from stagewise.report import write_report
 
     print(f"report: {write_report(args.run_dir, args.out)}")
+    from stagewise.report.page import memory_rows
+    from stagewise.report.rundata import MEMORY, read_memory
+
+    path = Path(args.run_dir) / MEMORY
+    for stage, rec in (read_memory(path) if path.is_file() else {}).items():
+        print(f"memory ({stage}): predicted vs measured")
+        for label, pred, meas, ratio in memory_rows(rec):
+            print(f"  {label:<42}{pred:>14}{meas:>14}{ratio:>8}")
     return 0
 
 

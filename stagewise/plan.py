@@ -95,54 +95,92 @@ def print_peak(cfg, measure: bool) -> None:
         print(f"  {PEAK_ENV}={os.environ[PEAK_ENV]} is set: training uses that value instead")
 
 
-def print_memory(cfg, mem: dict) -> None:
-    """Training state by part, the fixed overhead, and their sum (what peak_mem_bytes is compared with)."""
+_ROWS = [("weights", "parameters and buffers"), ("gradients", "one per trainable parameter"),
+         ("optimizer", None), ("activations", "kept for the backward, with the loss's stored head gradient"),
+         ("loss_peak", "the fused loss's working set: stored gradients and chunk buffers"),
+         ("reference", "a frozen reference copy, held through training")]
+
+
+def _optimizer_note(cfg, d_model: int = 0) -> str:
+    o = cfg.optim
+    if cfg.precision.mode == "bf16-pure":
+        return "bf16-pure's own AdamW, bf16 moments" + (" + Kahan buffer" if cfg.precision.kahan else "")
+    if o.name in ("adamw", "adamw-8bit", "adamw-4bit"):
+        return {"adamw": "fp32 moments", "adamw-8bit": "8-bit block-wise moments (fp32 under 4096 values)",
+                "adamw-4bit": "4-bit block-wise moments (fp32 under 4096 values)"}[o.name]
+    if o.name == "muon":
+        return f"momentum on the {', '.join(o.targets)} matrices, AdamW on the rest"
+    from stagewise.optim.optimizer import projection_settings
+
+    r = projection_settings(o, d_model)["rank"]
+    return (f"rank-{r} moments{' (d_model / 4)' if not o.rank and o.name != 'apollo-mini' else ''} on the "
+            f"{', '.join(o.targets)} matrices, AdamW on the rest")
+
+
+def print_memory(cfg, mem: dict, stage_cfg=None, label: str = "", d_model: int = 0) -> None:
+    """A step's memory by component (memory/predict.py), the peak, the fixed overhead, and whether it fits
+    memory.limit (what peak_mem_bytes and RUN_DIR/memory.json are compared with)."""
+    from stagewise.memory.budget import device_memory, parse_size
+    from stagewise.memory.predict import state_total
     from stagewise.train.metrics import process_overhead
 
-    B, T = cfg.train.batch_size, cfg.data.seq_len
-    print(f"\n# predicted peak memory ({cfg.precision.mode}, one micro-batch of {B} x {T})")
-    for key in ("params", "grads", "optimizer", "activations", "logits", "reference"):
+    sc = stage_cfg or cfg
+    B, T = sc.train.batch_size, sc.data.seq_len
+    ac = sc.train.activation_checkpointing
+    ac = ac if ac == "none" or sc.train.checkpoint_every == 1 else f"{ac} every {sc.train.checkpoint_every} blocks"
+    print(f"\n# predicted memory of a step{label} ({sc.precision.mode}, optim {sc.optim.name}, micro-batch {B} x {T}, "
+          f"activation checkpointing {ac}; docs/memory.md)")
+    for key, note in _ROWS:
         if key in mem:
-            print(f"  {key:<12}{_gib(mem[key])}")
-    print(f"  {'state':<12}{_gib(mem['total'])}  (what training adds)")
-    if _on_cuda(cfg):
-        print("  on CUDA, peak_mem_bytes is the allocator's peak: it holds the state alone, so the process's "
+            print(f"  {key:<12}{_gib(mem[key])}  ({note or _optimizer_note(sc, d_model)})")
+    print(f"  {'state':<12}{_gib(state_total(mem))}  (weights + gradients + optimizer + activations"
+          f"{' + reference' if mem.get('reference') else ''})")
+    print(f"  {'peak':<12}{_gib(mem['peak'])}  (tracked tensors at the step's high point; RUN_DIR/memory.json "
+          "holds the run's measurement)")
+    need = mem["peak"] + mem.get("reference", 0)
+    on_cuda = _on_cuda(cfg)
+    if on_cuda:
+        print("  on CUDA, peak_mem_bytes is the allocator's peak: it holds the tensors alone, so the process's "
               "own memory is not added")
-        print(f"  {'total':<12}{_gib(mem['total'])}")
+    else:
+        overhead = process_overhead()
+        if overhead is None:
+            print("  overhead    unknown (needs /proc/self/status, Linux): total is the tensors alone")
+        else:
+            print(f"  {'overhead':<12}{_gib(overhead['bytes'])}  (python with torch and stagewise imported, peak RSS "
+                  f"of a fresh process, {overhead['measured_at']})")
+            need += overhead["bytes"]
+    print(f"  {'total':<12}{_gib(need)}  (compare with peak_mem_bytes" + ("" if on_cuda else ": the process's VmHWM")
+          + ")")
+    limit = cfg.memory.limit
+    if limit is None:
         return
-    overhead = process_overhead()
-    if overhead is None:
-        print("  overhead    unknown (needs /proc/self/status, Linux): total is the state alone")
-        print(f"  {'total':<12}{_gib(mem['total'])}")
-        return
-    print(f"  {'overhead':<12}{_gib(overhead['bytes'])}  (python with torch and stagewise imported, peak RSS "
-          f"of a fresh process, {overhead['measured_at']})")
-    print(f"  {'total':<12}{_gib(overhead['bytes'] + mem['total'])}  (compare with peak_mem_bytes: the "
-          "process's VmHWM)")
-
-
-def _emulates_bf16(cfg, prec) -> bool:
-    """Whether training would run bf16 GEMMs as fp32 ones here (precision/cpu_bf16.py)."""
-    from stagewise.precision.cpu_bf16 import native_bf16_gemm
-
-    return prec.compute_dtype == torch.bfloat16 and not _on_cuda(cfg) and not native_bf16_gemm()
+    if str(limit).lower() == "auto":
+        if on_cuda and not torch.cuda.is_available():
+            print("  memory.limit auto: the GPU's memory is known where training runs")
+            return
+        cap, what = device_memory(torch.device("cuda" if on_cuda else "cpu"))
+        if cap is None:
+            return
+    else:
+        cap, what = parse_size(limit), "memory.limit"
+    verdict = (f"fits, {_gib(cap - need).strip()} to spare" if need <= cap else
+               f"exceeds it by {_gib(need - cap).strip()}: the run would stop before its first step")
+    print(f"  memory.limit {limit}: {what} {_gib(cap).strip()}; {verdict}")
 
 
 def print_plan(cfg, measure_peak: bool = False) -> None:
     """Everything `stagewise plan` prints; trains nothing, writes nothing but the machine caches."""
     from stagewise.config.loader import dump_yaml
-    from stagewise.model import estimate_memory
+    from stagewise.memory.predict import emulates_bf16, predict
     from stagewise.precision import MODES
+    from stagewise.train import stages as plan
 
     mcfg, vocab_from, vocab, init = plan_model(cfg)
-    prec = MODES[cfg.precision.mode]
-    # Kahan keeps one more bf16 buffer per weight, counted with the optimizer states.
-    optim_bytes = prec.optim_state_bytes + (2 if cfg.precision.kahan else 0)
-    B, T = cfg.train.batch_size, cfg.data.seq_len
-    mem = estimate_memory(mcfg, B, T, param_bytes=prec.param_bytes + prec.master_bytes, grad_bytes=prec.grad_bytes,
-                          optim_bytes_per_param=optim_bytes,
-                          act_bytes=prec.compute_dtype.itemsize, fused_loss=prec.fused_loss,
-                          gemm_bytes=4 if _emulates_bf16(cfg, prec) else None)
+    device = torch.device("cuda" if _on_cuda(cfg) else "cpu")
+    stage_cfgs = [plan.stage_config(cfg, i) for i in range(plan.n_stages(cfg))]
+    mems = [predict(sc, mcfg, emulates_bf16(sc.precision.mode, device)) for sc in stage_cfgs]
+    mem = mems[0]
     print("# resolved config" + (f" (model: the architecture of init_from {init}; the recipe's model section is "
                                  "ignored)" if init else ""))
     print(dump_yaml(dataclasses.replace(cfg, model=mcfg) if init else cfg).rstrip())
@@ -155,20 +193,23 @@ def print_plan(cfg, measure_peak: bool = False) -> None:
     _print_sft(cfg, init)
     _print_dpo(cfg, mcfg, mem, init)
     _print_rl(cfg, mcfg, mem)
+    prec = MODES[cfg.precision.mode]
     print(f"\n# bytes per parameter ({cfg.precision.mode})")
-    per_param = prec.param_bytes + prec.grad_bytes + prec.master_bytes + optim_bytes
-    print(f"  weights {prec.param_bytes}, gradients {prec.grad_bytes}, separate master copy {prec.master_bytes}, "
-          f"optimizer states {optim_bytes}: {per_param} bytes")
+    print(f"  weights {prec.param_bytes}, gradients {prec.grad_bytes}, separate master copy {prec.master_bytes}; "
+          f"optimizer states: {_optimizer_note(stage_cfgs[0], mcfg.d_model)}")
     if prec.compute_dtype.itemsize != prec.param_bytes:
         print(f"  (the fp32 weights are the master copy; autocast makes a {prec.compute_dtype.itemsize}-byte working "
               "copy of the matmul weights each forward, counted with the activations)")
-    print_memory(cfg, mem)
+    for i, (sc, m) in enumerate(zip(stage_cfgs, mems)):
+        print_memory(cfg, m, sc, f" in stage {i} ({cfg.stages[i].name})" if cfg.stages else "", mcfg.d_model)
     print_peak(cfg, measure_peak)
 
 
 def _print_adapter(cfg, mcfg, mem: dict) -> None:
-    """An adapter recipe: trainable vs frozen parameters and their bytes; `mem` is corrected in place
-    (params, grads, optimizer: adapters only), so the predicted peak below is the adapter run's."""
+    """An adapter recipe: trainable vs frozen parameters and their bytes (`mem`, the prediction, already
+    counts the adapters only: memory/predict.py)."""
+    from stagewise.memory.predict import state_total
+
     acfg = cfg.stages[0].adapter if cfg.stages else cfg.adapter
     if acfg.kind == "none":
         return
@@ -189,14 +230,7 @@ def _print_adapter(cfg, mcfg, mem: dict) -> None:
     fpt = adapter_flops_per_token(mcfg, acfg, cfg.data.seq_len)
     print(f"  FLOPs per token      {fpt:>14,}  (4*N + 6*N_adapter + attention: no weight gradients "
           "for the base)")
-    total_before = mem["total"]
-    mem.update(params=a["base_bytes"] + a["adapter_bytes"], grads=a["grad_bytes"], optimizer=a["optimizer_bytes"])
-    if not a["head_adapted"]:
-        mem["logits"] -= mcfg.vocab_size * mcfg.d_model * 4  # a frozen head has no fp32 weight gradient
-    if mode == "bf16-mixed":  # adapted layers hold their weight in bf16 (or unpack it per matmul): no autocast copy
-        mem["activations"] -= 2 * a["adapted_base"]
-    mem["total"] = sum(v for k, v in mem.items() if k != "total")
-    print(f"  training state       {_gib(mem['total'])}  (full fine-tuning: {_gib(total_before).strip()})")
+    print(f"  training state       {_gib(state_total(mem))}  (see the memory table below)")
 
 
 def _print_sft(cfg, init) -> None:
@@ -275,10 +309,10 @@ def _print_dpo(cfg, mcfg, mem: dict, init) -> None:
         print(f"    reference: {mode} ({what})")
         if i == 0 and mode == "copy":
             mem["reference"] = nbytes
-        if i == 0 and not dpo.packing:
+        if i == 0 and not dpo.packing:  # padded pairs: two sequences per pair, twice the rows
+            mem["peak"] += mem["activations"] + mem["loss_peak"]
             mem["activations"] *= 2
-            mem["logits"] *= 2
-        mem["total"] = sum(v for k, v in mem.items() if k != "total")
+            mem["loss_peak"] *= 2
         if tok_file is None:
             print("    pairs: known once the tokenizer exists (it is trained on stage 0's data when the run starts)")
             continue
@@ -334,7 +368,6 @@ def _print_rl(cfg, mcfg, mem: dict) -> None:
         print(f"    reference: {mode} ({what}); KL {rl.kl_estimator} x {rl.kl_beta:g} in the {rl.kl_in}")
         if i == 0 and mode == "copy":
             mem["reference"] = nbytes
-            mem["total"] = sum(v for k, v in mem.items() if k != "total")
 
 
 def _print_sizes(cfg, mcfg) -> None:

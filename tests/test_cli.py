@@ -99,7 +99,7 @@ def test_plan_prints_sizes_and_memory(trained):
     assert "131,072" in out
     assert f"{6 * 131072 + 12 * 2 * 4 * 16 * 64:,}" in out  # FLOPs per token at seq 64
     assert "tokens per step:                256" in out
-    for part in ("params", "grads", "optimizer", "activations", "logits", "total"):
+    for part in ("weights", "gradients", "optimizer", "activations", "loss_peak", "state", "peak", "total"):
         assert f"  {part}" in out
 
 

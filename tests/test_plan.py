@@ -77,9 +77,10 @@ def test_plan_with_init_from_shows_the_imported_model(tmp_path, corpus_dir, data
         assert _number(out, "FLOPs per token:") == 6 * matmul + 12 * cfg.num_hidden_layers * \
             cfg.num_attention_heads * cfg.head_dim * seq
         assert f"imported from {source}" in out and "d_model: 96" in out and "d_model: 64" not in out
-        assert _mib(out, "params") == pytest.approx(4 * total / 2**20, abs=0.05)  # fp32 weights
-        # The total is the fixed overhead plus the training state, both printed.
-        assert _mib(out, "total") == pytest.approx(_mib(out, "state") + _mib(out, "overhead"), abs=0.15)
+        rope = 2 * 4 * cfg.max_position_embeddings * cfg.head_dim  # the cos/sin buffers
+        assert _mib(out, "weights") == pytest.approx((4 * total + rope) / 2**20, abs=0.05)  # fp32 weights
+        # The total is the fixed overhead plus the step's predicted peak, both printed.
+        assert _mib(out, "total") == pytest.approx(_mib(out, "peak") + _mib(out, "overhead"), abs=0.15)
         overhead = next(iter(json.loads((cache / "process_overhead.json").read_text()).values()))
         assert _mib(out, "overhead") == pytest.approx(overhead["bytes"] / 2**20, abs=0.05)
     # A seq_len the source cannot hold fails as training would, in one line.

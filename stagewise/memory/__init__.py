@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stagewise.memory.budget import check_budget
+from stagewise.memory.budget import check_budget, predicted_peak
 from stagewise.memory.predict import emulates_bf16, predict, state_total
 
-MEMORY_FILE = "memory.json"
+from stagewise.rundir import MEMORY as MEMORY_FILE
 
 
 def settings(cfg) -> dict:
@@ -36,8 +36,10 @@ class StageMemory:
         self.predicted = predict(cfg, mcfg, emulated_bf16=emulates_bf16(cfg.precision.mode, device))
         # The second step this process takes has the optimizer's states; a stage left with one step probes it.
         self.probe_step = first_step + (1 if stage.end() - first_step >= 2 else 0)
-        self.record_ = {"settings": settings(cfg), "predicted": self.predicted,
-                        "predicted_state_total": state_total(self.predicted)}
+        self.record_ = {"settings": settings(cfg), "predicted": {
+            **self.predicted, "state_total": state_total(self.predicted),
+            "process": predicted_peak(self.predicted, device)}}
+        self._write()  # the prediction, whether or not a step is measured
 
     def probe(self, trainee, step: int):
         cfg = self.stage.cfg
@@ -52,14 +54,14 @@ class StageMemory:
 
         self.record_["measured"] = {**probe.result(), "at_step": step}
 
-        self.record_["measured"]["peak_process_bytes"] = peak_memory_bytes(device)
+        self.record_["measured"]["process"] = peak_memory_bytes(device)
         self._write()
 
     def finish(self, device) -> None:
         from stagewise.train.metrics import peak_memory_bytes
 
-        if "measured" in self.record_:
-            self.record_["measured"]["peak_process_bytes"] = peak_memory_bytes(device)
+        if "measured" in self.record_:  # the process's high-water mark over the whole stage
+            self.record_["measured"]["process"] = peak_memory_bytes(device)
             self._write()
 
     def _write(self) -> None:

@@ -18,8 +18,9 @@ optimizer states, activations (forward) and temporaries (backward). From it:
 
 Tensors that exist before the step and are not the model's (a DPO/RL reference copy, the batch)
 are not in the tracker. The process's peak RSS (VmHWM) and, on CUDA, the allocator's max allocated
-are recorded beside them. The probe step is slower (every op passes through Python), and its
-step_time_s says so; it changes no value the step computes. Compiled blocks run outside the
+are recorded beside them. The probe step is slower (every op passes through Python): memory.json's
+measured.at_step names it, so that timing analyses can leave it out (metrics.jsonl stays the same
+whether or not a run was resumed); it changes no value the step computes. Compiled blocks run outside the
 dispatch mode, so with train.compile the probe is skipped.
 """
 

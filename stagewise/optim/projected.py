@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from stagewise.optim.quantized import Moments
+from stagewise.optim.quantized import Moments, restore_code_dtypes
 
 KINDS = ("galore", "fira", "apollo")
 
@@ -94,6 +94,10 @@ class ProjectedAdamW(torch.optim.Optimizer):
         if device not in self._moments:
             self._moments[device] = Moments(self.bits, device)
         return self._moments[device]
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        restore_code_dtypes(self)
 
     def _refresh(self, group, p, state, grad, side):
         if group["kind"] == "apollo":

@@ -152,6 +152,15 @@ class Moments:
             self.quant[signed].quantize(x, state[f"{name}_codes"], state[f"{name}_absmax"])
 
 
+def restore_code_dtypes(optimizer: torch.optim.Optimizer) -> None:
+    """torch's Optimizer.load_state_dict casts every state tensor of a floating-point parameter to the
+    parameter's dtype; the quantized codes must stay uint8 (exactly representable, so nothing is lost)."""
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if key.endswith("_codes") and torch.is_tensor(value) and value.dtype != torch.uint8:
+                state[key] = value.to(torch.uint8)
+
+
 class QuantizedAdamW(torch.optim.Optimizer):
     """AdamW (torch's update rule: decoupled decay first, then m_hat / (sqrt(v_hat) + eps)) with
     8- or 4-bit block-wise moments. State per parameter: step (a float tensor, as torch.optim.AdamW
@@ -169,6 +178,10 @@ class QuantizedAdamW(torch.optim.Optimizer):
         if device not in self._moments:
             self._moments[device] = Moments(self.bits, device)
         return self._moments[device]
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        restore_code_dtypes(self)
 
     @torch.no_grad()
     def step(self, closure=None):

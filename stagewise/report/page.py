@@ -184,6 +184,41 @@ def _forgetting_tables(run: RunData) -> str:
     return "".join(out)
 
 
+MEMORY_ROWS = [("weights", "weights"), ("gradients", "gradients"), ("optimizer", "optimizer states"),
+               ("activations", "activations kept for the backward"), ("loss_peak", "loss working set"),
+               ("peak", "peak of tracked tensors")]
+
+
+def _mib(n) -> str:
+    return "–" if n is None else f"{n / 2**20:,.2f} MiB"
+
+
+def memory_rows(rec: dict) -> list[list[str]]:
+    """component, predicted, measured, predicted / measured (what `stagewise report` prints and shows)."""
+    p, m = rec["predicted"], rec.get("measured") or {}
+    rows = []
+    for key, label in MEMORY_ROWS:
+        ratio = f"{p[key] / m[key]:.3f}" if m.get(key) else "–"
+        rows.append([label, _mib(p.get(key)), _mib(m.get(key)), ratio])
+    if "process" in p:
+        got = m.get("process")
+        rows.append(["process peak (CPU: VmHWM, with the interpreter; CUDA: max allocated)", _mib(p["process"]),
+                     _mib(got), f"{p['process'] / got:.3f}" if got else "–"])
+    return rows
+
+
+def _memory_tables(run: RunData) -> str:
+    parts = []
+    for stage, rec in run.memory.items():
+        s = rec.get("settings", {})
+        what = ", ".join(f"{k} {v}" for k, v in s.items())
+        at = f"measured on step {rec['measured']['at_step']}" if rec.get("measured") else "not measured"
+        parts.append(f"<h3>{_e(stage)}</h3><p class=\"sub\">{_e(what)}; {at}</p>"
+                     + _table(["component", "predicted", "measured", "ratio"],
+                              [[_e(c) for c in r] for r in memory_rows(rec)]))
+    return "".join(parts)
+
+
 def _figure(name: str, alt: str, caption: str = "") -> str:
     cap = f"<p class=\"cap\">{caption}</p>" if caption else ""
     return f"<img src=\"{name}\" alt=\"{_e(alt)}\">{cap}"
@@ -256,6 +291,11 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         body.append("<div class=\"note\">No <code>forgetting.json</code> in the run directory (written when a "
                     "multi-stage run finishes): forgetting and stability gap not shown.</div>")
 
+    if run.memory:
+        body += ["<h2>Memory: predicted vs measured</h2>",
+                 "<p>The plan's prediction of one step by component (<code>stagewise plan</code>) against the "
+                 "measurement of the run's probe step (torch's MemTracker), from <code>memory.json</code>; "
+                 "docs/memory.md.</p>", _memory_tables(run)]
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_e(name)} · "
             f"stagewise report</title><style>{CSS}</style></head><body><main>\n" + "\n".join(body)

@@ -1,6 +1,7 @@
 """Everything a report shows, read from a run directory without torch or matplotlib.
 
-Reads config.yaml, run_info.json, metrics.jsonl and (multi-stage runs) forgetting.json.
+Reads config.yaml, run_info.json, metrics.jsonl, memory.json (the memory plan and its measurement)
+and (multi-stage runs) forgetting.json.
 Each is optional except metrics.jsonl; the stage, mixture and forgetting parts are empty
 for a single-stage run. A file that exists but cannot be trusted is a one-line error.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from stagewise.errors import CheckpointError
-from stagewise.rundir import CONFIG, FORGETTING, METRICS, RUN_INFO, read_metrics
+from stagewise.rundir import CONFIG, FORGETTING, MEMORY, METRICS, RUN_INFO, read_metrics
 
 VAL_PREFIX, BPB_PREFIX, MIX_PREFIX = "val_loss/", "val_bpb/", "mix/"
 REPLAY_KEYS = ("replay", "replay_frac")  # the trainer writes `replay` (data/mixture.py)
@@ -45,6 +46,7 @@ class RunData:
     config: dict = field(default_factory=dict)
     run_info: dict = field(default_factory=dict)
     forgetting: Forgetting | None = None
+    memory: dict = field(default_factory=dict)       # stage name -> memory.json record
     notes: list[str] = field(default_factory=list)   # files that were absent or skipped
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
@@ -151,4 +153,18 @@ def load_run(run_dir: str | Path) -> RunData:
         run.run_info = _read_json(run_dir / RUN_INFO)
     if (run_dir / FORGETTING).is_file():
         run.forgetting = read_forgetting(run_dir / FORGETTING)
+    if (run_dir / MEMORY).is_file():
+        run.memory = read_memory(run_dir / MEMORY)
     return run
+
+
+def read_memory(path: Path) -> dict:
+    """stage name -> {"settings", "predicted", "measured"?}; the numbers are byte counts."""
+    data = _read_json(path)
+    for stage, rec in data.items():
+        ok = isinstance(rec, dict) and isinstance(rec.get("predicted"), dict) and \
+            all(_finite(v) for part in ("predicted", "measured") for v in (rec.get(part) or {}).values())
+        if not ok:
+            raise CheckpointError(f"{path}: stage {stage!r} needs a 'predicted' object of numbers (and optionally "
+                                  "'measured')")
+    return data

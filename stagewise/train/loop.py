@@ -179,8 +179,6 @@ def _loop(stage: Stage, trainee: setup.Trainee, state: TrainState, steplog: Step
             step = counters.step
             # stage index, realised mixture shares; loss scale, gradient/update format telemetry
             extra = {**stage.metrics(), **trainee.precision.metrics()}
-            if probe is not None:
-                extra["memory_probe"] = True  # this step ran under the tracker: its step_time_s is not a step's
             steplog.queue({"step": step, "tokens": counters.tokens_seen, "step_tokens": step_tokens, "lr": lr,
                            "mem": peak_memory_bytes(device), "extra": extra}, result, t0)
             evaluate_now = step == stage.end() or bool(cfg.eval.every and step % cfg.eval.every == 0)
