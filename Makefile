@@ -44,7 +44,7 @@ bench: $(STAMP)
 # <= ~16 min on 2 CPU cores); records, tables and plots land in experiments/results/.
 experiments: $(STAMP)
 	$(PY) -m pip install -q -e '.[test,experiments]'
-	cd experiments && for e in fp16_loss_scaling bf16_pure fp8_scaling ternary_transition cpt_rewarm cpt_replay sft_arithmetic lora_variants dpo_sft_budget; do ../$(PY) $$e.py || exit 1; done
+	cd experiments && for e in fp16_loss_scaling bf16_pure fp8_scaling ternary_transition cpt_rewarm cpt_replay sft_arithmetic lora_variants dpo_sft_budget optimizers; do ../$(PY) $$e.py || exit 1; done
 
 # Re-render every experiment table and plot from the committed records, without training.
 experiment-tables: $(STAMP)

@@ -27,6 +27,7 @@ EXPERIMENTS = {
     "sft_arithmetic": ("sft_arithmetic", None),
     "lora_variants": ("lora_variants", None),
     "dpo_sft_budget": ("dpo_sft_budget", None),
+    "optimizers": ("optimizers", None),
 }
 
 
