@@ -434,7 +434,8 @@ def test_plan_shows_bytes_per_parameter(tmp_path, corpus_dir, data_cache, capsys
     recipe = tiny_recipe(tmp_path / "r.yaml", corpus_dir, data_cache, tmp_path / "runs")
     assert main(["plan", str(recipe), "--precision.mode=bf16-pure", "--precision.kahan=true"]) == 0
     out = capsys.readouterr().out
-    assert "weights 2, gradients 2, separate master copy 0, optimizer states 6: 10 bytes" in out
+    assert "weights 2, gradients 2, separate master copy 0; optimizer states: bf16-pure's own AdamW, bf16 moments " \
+        "+ Kahan buffer" in out
 
 
 def test_tf32_on_cpu_is_fp32_and_warns():

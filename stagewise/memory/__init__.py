@@ -43,7 +43,9 @@ class StageMemory:
 
     def probe(self, trainee, step: int):
         cfg = self.stage.cfg
-        if step != self.probe_step or not cfg.memory.probe or getattr(trainee.model, "compiled", False):
+        # dpo/rl steps run a reference forward or generate outside the step: not probed (not yet supported)
+        if step != self.probe_step or not cfg.memory.probe or getattr(trainee.model, "compiled", False) \
+                or self.stage.kind in ("dpo", "rl"):
             return None
         from stagewise.memory.measure import MemoryProbe
 
