@@ -180,9 +180,25 @@ def test_eval_rows_are_fixed_and_cover_examples():
     assert counted == sum(int((e.targets != IGNORE_INDEX).sum()) for e in examples)
 
 
-@pytest.mark.parametrize("mode", ["fp8", "int4", "bf16-pure"])
-def test_precision_setup_leaves_named_modules_alone(mode):
-    """The precision swaps skip modules named in `keep` (adapters will keep their own weights)."""
+@pytest.mark.parametrize("mode,bf16_gemm", [("fp8", "auto"), ("int4", "auto"),
+                                            ("bf16-pure", "native"), ("bf16-pure", "emulate")])
+def test_precision_setup_leaves_named_modules_alone(mode, bf16_gemm, monkeypatch):
+    """The precision swaps skip modules named in `keep` (adapters will keep their own weights); under
+    bf16-pure a kept fp32 module computes in fp32 between bf16 neighbours, on CPUs with a native bf16
+    GEMM (where a dtype mismatch raises) as on those that emulate it."""
+    from stagewise.config.schema import PrecisionConfig
+    from stagewise.precision import cpu_bf16
+    if bf16_gemm != "auto":
+        monkeypatch.setenv(cpu_bf16.ENV, bf16_gemm)
+    cpu_bf16.native_bf16_gemm.cache_clear()
+    try:
+        _kept_modules_train(mode)
+    finally:
+        monkeypatch.delenv(cpu_bf16.ENV, raising=False)
+        cpu_bf16.native_bf16_gemm.cache_clear()
+
+
+def _kept_modules_train(mode):
     from stagewise.config.schema import PrecisionConfig
     from stagewise.objectives import CausalLM
     from stagewise.precision import build_precision
@@ -198,5 +214,7 @@ def test_precision_setup_leaves_named_modules_alone(mode):
     assert type(changed) is not torch.nn.Linear or changed.weight.dtype == torch.bfloat16
     opt = prec.setup_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-3))
     x = torch.randint(0, 64, (2, 16))
+    before = kept.weight.detach().clone()
     r = train_step(model, opt, prec, CausalLM(), [Batch(x, torch.roll(x, -1, 1))], 1e-3, 1.0).host()
     assert math.isfinite(r.loss) and r.applied
+    assert kept.weight.dtype == torch.float32 and not torch.equal(kept.weight.detach(), before)

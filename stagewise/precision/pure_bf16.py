@@ -106,6 +106,22 @@ class CompensatedAdamW(torch.optim.Optimizer):
         return None
 
 
+def _cast_floats(value, dtype):
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast_floats(v, dtype) for v in value)
+    return value
+
+
+def _inputs_to_fp32(module, args):
+    return _cast_floats(args, torch.float32)
+
+
+def _output_to_bf16(module, args, output):
+    return _cast_floats(output, torch.bfloat16)
+
+
 class BF16Pure(Precision):
     name = "bf16-pure"
     compute_dtype = torch.bfloat16
@@ -118,9 +134,20 @@ class BF16Pure(Precision):
         for name, p in model.named_parameters():
             if not self.keeps(name.rpartition(".")[0]):
                 p.data = p.data.to(torch.bfloat16)
+        # A kept module holds fp32 weights among bf16 activations: it computes in fp32 on its own
+        # inputs and hands bf16 on, so the rest of the model sees the compute dtype throughout.
+        self._kept_hooks = []
+        for name, module in model.named_modules():
+            own = [p for p in module.parameters(recurse=False) if p.is_floating_point()]
+            if own and self.keeps(name) and all(p.dtype == torch.float32 for p in own):
+                self._kept_hooks += [module.register_forward_pre_hook(_inputs_to_fp32),
+                                     module.register_forward_hook(_output_to_bf16)]
         return model
 
     def teardown(self, model):
+        for hook in getattr(self, "_kept_hooks", ()):
+            hook.remove()
+        self._kept_hooks = []
         for p in model.parameters():
             p.data = p.data.float()
         return super().teardown(model)
