@@ -85,12 +85,44 @@ def estimate_memory(cfg: ModelConfig, batch_size: int, seq_len: int, param_bytes
     checkpointing/checkpoint_every: activation checkpointing (model/checkpointing.py).
     backward_held: what the backward holds beside the gradients at its high point (see below).
     """
+    counts = param_counts(cfg)
+    a, N = act_bytes, batch_size * seq_len
+    acts = _activations(cfg, N, seq_len, a, param_bytes, fused_loss, checkpointing, checkpoint_every)
+    out = {
+        "params": param_bytes * counts["total"],
+        "grads": grad_bytes * counts["total"],
+        "optimizer": optim_bytes_per_param * counts["total"],
+        "activations": acts["saved"],
+        "logits": N * cfg.vocab_size * (a + 4 + 4),
+        "loss_stored": N * cfg.vocab_size * (a + 4),  # unfused: the logits and the saved log-softmax
+    }
+    if fused_loss:
+        # Stored to the backward: the gradients for the hidden states (act_bytes) and the head weight
+        # (fp32); the head's input, no longer needed, is freed, so the forward ends V*d*4 higher.
+        out["loss_stored"] = cfg.vocab_size * cfg.d_model * 4
+        out["logits"] = _fused_loss_peak(cfg, N, a, param_bytes, gemm_bytes or a)
+    # What the backward holds beside the gradients at its high point: one block's full activations
+    # (the last still held, or a checkpointed block's recompute) and that block's gradient buffers.
+    _, _, ffn = resolved_dims(cfg)
+    out["backward_held"] = N * (acts["per_layer"] + 4 * (2 * ffn + 2 * cfg.d_model))
+    # autocast caches each weight's cast for the whole forward; a checkpointed block's copies are saved
+    # by nothing, but live until autocast exits (native low precision; the emulation casts per call)
+    autocast = act_bytes != param_bytes
+    out["autocast_cache"] = (a * acts["checkpointed"] * acts["block_matmul"]
+                             if autocast and (gemm_bytes or a) == a else 0)
+    out["total"] = sum(v for k, v in out.items() if k not in ("loss_stored", "backward_held", "autocast_cache"))
+    return out
+
+
+def _activations(cfg: ModelConfig, N: int, seq_len: int, a: int, param_bytes: int, fused_loss: bool,
+                 checkpointing: str, checkpoint_every: int) -> dict[str, int]:
+    """What autograd saves for N tokens (estimate_memory's docstring lists it op by op): saved (bytes),
+    per_layer (one un-checkpointed block's bytes per token), checkpointed (blocks), block_matmul
+    (one block's matmul parameters)."""
     n_kv, hd, ffn = resolved_dims(cfg)
     counts = param_counts(cfg)
-    d, H, a = cfg.d_model, cfg.n_heads, act_bytes
-    N = batch_size * seq_len
+    d, H = cfg.d_model, cfg.n_heads
     norm = lambda width, rows=1: rows * (4 * width + 4)  # noqa: E731 - fp32 input, fp32 rstd
-    autocast = act_bytes != param_bytes
     per_layer = (2 * norm(d) + 2 * a * d                 # two RMSNorms and their saved outputs
                  + a * (2 * H + 2 * n_kv) * hd + 4 * H   # q, k, v, out; logsumexp
                  + 4 * a * ffn)                          # SwiGLU
@@ -103,43 +135,29 @@ def estimate_memory(cfg: ModelConfig, batch_size: int, seq_len: int, param_bytes
     kept = {"none": per_layer, "full": 4 * d, "selective": selective}[checkpointing]
     checkpointed = 0 if checkpointing == "none" else -(-cfg.n_layers // checkpoint_every)
     block_matmul = (counts["matmul"] - cfg.vocab_size * d) // max(cfg.n_layers, 1)
-    act = N * ((cfg.n_layers - checkpointed) * per_layer + checkpointed * kept + norm(d) + a * d + 8)
-    if autocast:  # the saved weight copies; the fused loss's copy of the head is its own transient
-        act += a * (counts["matmul"] - checkpointed * block_matmul - (cfg.vocab_size * d if fused_loss else 0))
-    if act_bytes != 4:  # the cos/sin casts, saved by RoPE's products (recomputed in checkpointed blocks)
-        act += (cfg.n_layers - checkpointed) * 4 * seq_len * hd * a
-    out = {
-        "params": param_bytes * counts["total"],
-        "grads": grad_bytes * counts["total"],
-        "optimizer": optim_bytes_per_param * counts["total"],
-        "activations": act,
-        "logits": N * cfg.vocab_size * (a + 4 + 4),
-    }
-    if fused_loss:
-        V, g = cfg.vocab_size, gemm_bytes or a
-        chunks = -(-N // chunk_rows(V, d, a))
-        rows = -(-N // chunks)
-        # Stored to the backward: the gradients for the hidden states (act_bytes) and the head weight
-        # (fp32); the head's input, no longer needed, is freed, so the forward ends V*d*4 higher.
-        out["loss_stored"] = V * d * 4
-        peak = N * d * a + V * d * 4
-        if a != param_bytes or g != a:  # the weight rounded to the compute dtype, held at the GEMMs' width
-            peak += V * d * g
-        if g == 4 and a == 4:    # fp32: logits and probabilities buffers
-            peak += rows * V * 8
-        elif g == 4:             # CPU bf16 emulation: fp32 logits and probabilities, a bf16 rounding buffer,
-            peak += rows * V * (8 + a) + N * d * 4  # the hidden states widened to fp32
-        else:                    # native low precision: the logits, and at the softmax both their fp32 copy and
-            peak += rows * V * (a + 8) + (V * d * a if chunks > 1 else 0)  # the fp32 probabilities; wgrad buffer
-        if g == 4:  # the hidden-state gradient's product and mask (2 x rows x d) while both buffers are live
-            peak += rows * 2 * d * g
-        out["logits"] = peak + rows * 48  # ~48 bytes of row vectors (targets, masks, maxima, log-sum-exp)
-    out.setdefault("loss_stored", N * cfg.vocab_size * (a + 4))  # unfused: the logits and the saved log-softmax
-    # What the backward holds beside the gradients at its high point: one block's full activations
-    # (the last still held, or a checkpointed block's recompute) and that block's gradient buffers.
-    out["backward_held"] = N * (per_layer + 4 * (2 * ffn + 2 * d))
-    # autocast caches each weight's cast for the whole forward; a checkpointed block's copies are saved
-    # by nothing, but live until autocast exits (native low precision; the emulation casts per call)
-    out["autocast_cache"] = a * checkpointed * block_matmul if autocast and (gemm_bytes or a) == a else 0
-    out["total"] = sum(v for k, v in out.items() if k not in ("loss_stored", "backward_held", "autocast_cache"))
-    return out
+    saved = N * ((cfg.n_layers - checkpointed) * per_layer + checkpointed * kept + norm(d) + a * d + 8)
+    if a != param_bytes:  # the saved weight copies; the fused loss's copy of the head is its own transient
+        saved += a * (counts["matmul"] - checkpointed * block_matmul - (cfg.vocab_size * d if fused_loss else 0))
+    if a != 4:  # the cos/sin casts, saved by RoPE's products (recomputed in checkpointed blocks)
+        saved += (cfg.n_layers - checkpointed) * 4 * seq_len * hd * a
+    return {"saved": saved, "per_layer": per_layer, "checkpointed": checkpointed, "block_matmul": block_matmul}
+
+
+def _fused_loss_peak(cfg: ModelConfig, N: int, a: int, param_bytes: int, g: int) -> int:
+    """The fused loss's (model/loss.py) peak working set above the activations, for N rows computed at
+    act_bytes `a` with GEMM buffers of `g` bytes (estimate_memory's docstring: `logits`)."""
+    V, d = cfg.vocab_size, cfg.d_model
+    chunks = -(-N // chunk_rows(V, d, a))
+    rows = -(-N // chunks)
+    peak = N * d * a + V * d * 4
+    if a != param_bytes or g != a:  # the weight rounded to the compute dtype, held at the GEMMs' width
+        peak += V * d * g
+    if g == 4 and a == 4:    # fp32: logits and probabilities buffers
+        peak += rows * V * 8
+    elif g == 4:             # CPU bf16 emulation: fp32 logits and probabilities, a bf16 rounding buffer,
+        peak += rows * V * (8 + a) + N * d * 4  # the hidden states widened to fp32
+    else:                    # native low precision: the logits, and at the softmax both their fp32 copy and
+        peak += rows * V * (a + 8) + (V * d * a if chunks > 1 else 0)  # the fp32 probabilities; wgrad buffer
+    if g == 4:  # the hidden-state gradient's product and mask (2 x rows x d) while both buffers are live
+        peak += rows * 2 * d * g
+    return peak + rows * 48  # ~48 bytes of row vectors (targets, masks, maxima, log-sum-exp)

@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from stagewise.optim.quantized import Moments, restore_code_dtypes
+from stagewise.optim.quantized import MomentsOptimizer
 
 KINDS = ("galore", "fira", "apollo")
 
@@ -74,30 +74,19 @@ def _project_back(low, P, side):
     return low @ P if side == "right" else P @ low
 
 
-class ProjectedAdamW(torch.optim.Optimizer):
+class ProjectedAdamW(MomentsOptimizer):
     """Groups with `rank` (and `kind`, `update_proj_gap`, `scale`, `side`, `scale_type`, `limiter`)
     are projected; other groups take plain Adam. bits: 32, or 8 for bitsandbytes-style 8-bit moments
     (galore-8bit)."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
                  bits: int = 32, seed: int = 0):
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
-        self.bits = bits
-        self._moments: dict = {}
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}, bits)
         # APOLLO's first seeds: the parameter's 1-based position over all groups (apollo-torch's rule),
         # offset by the run's seed. Put into the state at the parameter's first step, not here: an
         # optimizer with state before its first step would look already initialised to DCP's loader.
         params = [p for group in self.param_groups for p in group["params"]]
         self._first_seed = {p: seed + i for i, p in enumerate(params, start=1)}
-
-    def _moments_for(self, device) -> Moments:
-        if device not in self._moments:
-            self._moments[device] = Moments(self.bits, device)
-        return self._moments[device]
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        restore_code_dtypes(self)
 
     def _refresh(self, group, p, state, grad, side):
         if group["kind"] == "apollo":

@@ -161,16 +161,12 @@ def restore_code_dtypes(optimizer: torch.optim.Optimizer) -> None:
                 state[key] = value.to(torch.uint8)
 
 
-class QuantizedAdamW(torch.optim.Optimizer):
-    """AdamW (torch's update rule: decoupled decay first, then m_hat / (sqrt(v_hat) + eps)) with
-    8- or 4-bit block-wise moments. State per parameter: step (a float tensor, as torch.optim.AdamW
-    keeps it) and the moments (Moments)."""
+class MomentsOptimizer(torch.optim.Optimizer):
+    """An optimizer whose Adam moments are `Moments` of `self.bits` bits: one Moments (and its
+    quantizers) per device, and uint8 codes kept uint8 through load_state_dict."""
 
-    def __init__(self, params, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
-                 bits: int = 8):
-        if bits not in (8, 4):
-            raise ValueError(f"bits: expected 8 or 4, got {bits}")
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+    def __init__(self, params, defaults: dict, bits: int):
+        super().__init__(params, defaults)
         self.bits = bits
         self._moments: dict = {}
 
@@ -182,6 +178,18 @@ class QuantizedAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         restore_code_dtypes(self)
+
+
+class QuantizedAdamW(MomentsOptimizer):
+    """AdamW (torch's update rule: decoupled decay first, then m_hat / (sqrt(v_hat) + eps)) with
+    8- or 4-bit block-wise moments. State per parameter: step (a float tensor, as torch.optim.AdamW
+    keeps it) and the moments (Moments)."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
+                 bits: int = 8):
+        if bits not in (8, 4):
+            raise ValueError(f"bits: expected 8 or 4, got {bits}")
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}, bits)
 
     @torch.no_grad()
     def step(self, closure=None):
