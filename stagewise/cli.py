@@ -6,6 +6,7 @@ Every user-caused error surfaces as one line `error: ...` on stderr and exit sta
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 
@@ -217,8 +218,17 @@ def main(argv: list[str] | None = None) -> int:
 
         return getattr(commands, "cmd_" + args.command.replace("-", "_"))(args, extra) or 0
     except StagewiseError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: rank 0 says it once
+            print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from stagewise.distributed import lost_peer_message
+
+        message = lost_peer_message(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -28,14 +28,19 @@ def cmd_run(args, extra) -> int:
     cfg = load_recipe(args.recipe, _overrides(extra))
     from stagewise.train.runner import start  # after validation: a bad recipe fails fast
 
+    from stagewise.distributed import WORLD
+
     start(cfg, log=_log)
+    WORLD.close()  # not after an error: a collective with a lost rank could wait for it
     return 0
 
 
 def cmd_resume(args, extra) -> int:
+    from stagewise.distributed import WORLD
     from stagewise.train.runner import resume
 
     resume(args.run_dir, log=_log)
+    WORLD.close()
     return 0
 
 

@@ -57,12 +57,14 @@ def test_checkpointed_blocks_keep_parameter_names_and_skip_under_no_grad():
         assert a.equal(model(tok))
 
 
-def _config(mode="fp32", optim="adamw", ac="none", every=1, batch=4, seq=128, adapter="none", quant="none"):
+def _config(mode="fp32", optim="adamw", ac="none", every=1, batch=4, seq=128, adapter="none", quant="none",
+            accum=1):
     base = RunConfig()
     return dataclasses.replace(
         base, precision=dataclasses.replace(base.precision, mode=mode),
         optim=dataclasses.replace(base.optim, name=optim),
-        train=dataclasses.replace(base.train, batch_size=batch, activation_checkpointing=ac, checkpoint_every=every),
+        train=dataclasses.replace(base.train, batch_size=batch, activation_checkpointing=ac, checkpoint_every=every,
+                                  grad_accum=accum),
         data=dataclasses.replace(base.data, seq_len=seq),
         adapter=dataclasses.replace(base.adapter, kind=adapter, base_quant=quant))
 
@@ -79,11 +81,11 @@ def _measure(cfg, mcfg):
     model.checkpoint_blocks(checkpoint_wrapper(cfg.train.activation_checkpointing, cfg.train.checkpoint_every))
     optimizer = precision.setup_optimizer(build_optimizer(cfg.optim, model, CPU))
     tok = torch.randint(0, mcfg.vocab_size, (cfg.train.batch_size, cfg.data.seq_len + 1))
-    batch = Batch(tok[:, :-1], tok[:, 1:])
-    train_step(model, optimizer, precision, CausalLM(), [batch], 1e-3, 1.0)
+    micro = [Batch(tok[:, :-1], tok[:, 1:])] * cfg.train.grad_accum
+    train_step(model, optimizer, precision, CausalLM(), micro, 1e-3, 1.0)
     probe = MemoryProbe(model, optimizer, CPU)
     with probe:
-        train_step(model, optimizer, precision, CausalLM(), [batch], 1e-3, 1.0, observer=probe)
+        train_step(model, optimizer, precision, CausalLM(), micro, 1e-3, 1.0, observer=probe)
     return probe.result(), optimizer
 
 
@@ -101,6 +103,7 @@ SETTINGS = {
     "apollo-mini+full/2+bf16": dict(optim="apollo-mini", ac="full", every=2, mode="bf16-mixed"),
     "muon+bf16": dict(optim="muon", mode="bf16-mixed"),
     "lora+bf16": dict(adapter="lora", mode="bf16-mixed"),
+    "adamw+accum2": dict(accum=2),  # the second micro-batch's forward runs beside the first one's gradients
 }
 
 

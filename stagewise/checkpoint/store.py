@@ -171,6 +171,24 @@ def save_checkpoint(
     `train_state` must be JSON-serializable (tuples come back as lists); the loader returns
     it with `"step"` set. Re-saving an existing step replaces it. Returns the new directory.
     """
+    return begin_checkpoint(ckpt_root, step, model, optimizer, train_state, keep_last, trainable_only).wait()
+
+
+def begin_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    train_state: dict[str, Any],
+    keep_last: int,
+    trainable_only: bool = False,
+    background: bool = False,
+    process_group=None,
+) -> "PendingCheckpoint":
+    """save_checkpoint's work up to the publishing: with background=True the tensors are copied now and
+    written by dcp.async_save in a thread (process_group: the group its collectives use, not the
+    training's); the returned PendingCheckpoint's wait() publishes it. Until then the previous
+    checkpoints are the complete ones. Every rank calls wait() at the same point of the loop."""
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise CheckpointError(f"checkpoint step must be a non-negative int, got {step!r}")
     if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1:
@@ -214,21 +232,46 @@ def save_checkpoint(
         tmp.mkdir()
     _barrier()
 
+    pending = PendingCheckpoint(step, tmp, target, text, keep_last)
     with quiet_single_process():
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp), no_dist=not _dist_on())
+        if not background:
+            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp), no_dist=not _dist_on())
+        else:
+            # DCP's own staging leaves CPU tensors in place (.to("cpu") is a no-op), and training goes on
+            # updating them: the thread writes a copy taken here.
+            staged = {k: v.detach().clone() if v.device.type == "cpu" else v.detach().to("cpu") for k, v in tensors.items()}
+            pending.future = dcp.async_save(staged, storage_writer=dcp.FileSystemWriter(tmp),
+                                            process_group=process_group, no_dist=not _dist_on())
+    return pending
 
-    if _rank() == 0:
-        write_text_durable(tmp / STATE_FILE, text)
-        fsync_tree(tmp)
-        if os.environ.get(KILL_DURING_SAVE_ENV) == str(step):
-            os.kill(os.getpid(), signal.SIGKILL)
-        publish_dir(tmp, target)
-        remove_stale_tmp(ckpt_root)
-        for old in list_checkpoints(ckpt_root)[:-keep_last]:
-            if old != target:
-                shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return target
+
+class PendingCheckpoint:
+    """A checkpoint whose tensors are written (or being written by async_save); wait() publishes it:
+    rank 0 adds train_state.json, fsyncs, renames into place and prunes old ones, between barriers."""
+
+    def __init__(self, step: int, tmp: Path, target: Path, text: str, keep_last: int):
+        self.step, self.tmp, self.target, self.text, self.keep_last = step, tmp, target, text, keep_last
+        self.future, self.done = None, False
+
+    def wait(self) -> Path:
+        if self.done:
+            return self.target
+        if self.future is not None:
+            self.future.result()
+        ckpt_root = self.target.parent
+        if _rank() == 0:
+            write_text_durable(self.tmp / STATE_FILE, self.text)
+            fsync_tree(self.tmp)
+            if os.environ.get(KILL_DURING_SAVE_ENV) == str(self.step):
+                os.kill(os.getpid(), signal.SIGKILL)
+            publish_dir(self.tmp, self.target)
+            remove_stale_tmp(ckpt_root)
+            for old in list_checkpoints(ckpt_root)[:-self.keep_last]:
+                if old != self.target:
+                    shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+        self.done = True
+        return self.target
 
 
 # ---------------------------------------------------------------------------------------

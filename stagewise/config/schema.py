@@ -172,7 +172,8 @@ class ScheduleConfig:
 @dataclass
 class TrainConfig:
     steps: int = opt(1000, "Optimizer steps to train.", gt=0)
-    batch_size: int = opt(16, "Sequences per micro-batch.", gt=0)
+    batch_size: int = opt(16, "Sequences per micro-batch; under torchrun the global micro-batch, of which each "
+                          "rank takes batch_size / world size rows.", gt=0)
     grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step.", gt=0)
     grad_clip: float = opt(1.0, "Clip the global gradient norm to this value; 0 disables clipping.", ge=0)
     objective: str = opt("causal-lm", "Training objective.", choices=["causal-lm"])
@@ -276,6 +277,26 @@ class MemoryConfig:
 class CheckpointConfig:
     every: int = opt(100, "Save a full training checkpoint every N steps (and at the end); 0 only at the end.", ge=0)
     keep_last: int = opt(3, "Keep only the newest N checkpoints.", gt=0)
+    async_save: bool = opt(False, "Write checkpoints in a background thread (torch.distributed.checkpoint.async_save) "
+                           "from a copy of the state taken at the step: training continues while the files are "
+                           "written; each is published once complete (the run's last one is written at once).")
+
+
+@dataclass
+class ParallelConfig:
+    strategy: str = opt("auto", "How several processes started by torchrun train (docs/distributed.md): ddp (each "
+                        "rank holds the model, gradients averaged), fsdp2 (parameters, gradients and AdamW states "
+                        "sharded over all ranks), hsdp (sharded within parallel.shard ranks, replicated across "
+                        "parallel.replicate groups), auto (ddp under torchrun with more than one process) or none. "
+                        "A single process ignores it, so a run resumes at any world size.",
+                        choices=["auto", "none", "ddp", "fsdp2", "hsdp"])
+    replicate: int = opt(0, "hsdp: replica groups (>= 2); replicate x shard must equal the number of ranks.", ge=0)
+    shard: int = opt(0, "hsdp: ranks each group shards over (>= 2); 0: world size / replicate.", ge=0)
+    reshard_after_forward: bool = opt(True, "fsdp2/hsdp: free each block's gathered weights after its forward "
+                                      "(gathered again for the backward): less memory, one more all-gather per block.")
+    backend: str = opt("auto", "torch.distributed backend: auto (nccl on CUDA, gloo on CPU), gloo or nccl.",
+                       choices=["auto", "gloo", "nccl"])
+    timeout_s: int = opt(600, "Seconds a collective waits for the other ranks before the job fails.", gt=0)
 
 
 @dataclass
@@ -401,6 +422,8 @@ class RunConfig:
     eval: EvalConfig = opt(EvalConfig, "Validation during training.")
     checkpoint: CheckpointConfig = opt(CheckpointConfig, "Checkpointing.")
     memory: MemoryConfig = opt(MemoryConfig, "Memory plan checks and measurement (docs/memory.md).")
+    parallel: ParallelConfig = opt(ParallelConfig, "Training on several processes under torchrun "
+                                   "(docs/distributed.md).")
     log: LogConfig = opt(LogConfig, "Progress display.")
     sample: SampleConfig = opt(SampleConfig, "Samples printed at the end of training.")
     sft: SFTConfig = opt(SFTConfig, "Supervised fine-tuning (kind sft; docs/sft.md).")

@@ -30,8 +30,11 @@ def settings(cfg) -> dict:
 class StageMemory:
     """One stage's memory record: predicted at the start, measured at the probe step, peak RSS at the end."""
 
-    def __init__(self, stage, mcfg, device, first_step: int):
+    def __init__(self, stage, mcfg, device, first_step: int, main: bool = True, probes: bool = True):
+        """main: this process writes memory.json (rank 0); probes: the step may be measured (not under
+        torch.distributed yet: the tracker does not see DDP's buckets or FSDP2's gathered weights)."""
         self.stage, self.path, self.device = stage, Path(stage.run_dir) / MEMORY_FILE, device
+        self.main, self.probes = main, probes
         cfg = stage.cfg
         self.predicted = predict(cfg, mcfg, emulated_bf16=emulates_bf16(cfg.precision.mode, device))
         # The second step this process takes has the optimizer's states; a stage left with one step probes it.
@@ -45,7 +48,7 @@ class StageMemory:
         cfg = self.stage.cfg
         # dpo/rl steps run a reference forward or generate outside the step: not probed (not yet supported)
         if step != self.probe_step or not cfg.memory.probe or getattr(trainee.model, "compiled", False) \
-                or self.stage.kind in ("dpo", "rl"):
+                or self.stage.kind in ("dpo", "rl") or not self.probes:
             return None
         from stagewise.memory.measure import MemoryProbe
 
@@ -68,6 +71,9 @@ class StageMemory:
 
     def _write(self) -> None:
         from stagewise.rundir import write_json
+
+        if not self.main:
+            return
 
         data = json.loads(self.path.read_text()) if self.path.is_file() else {}
         data[self.stage.name] = self.record_

@@ -83,6 +83,12 @@ class MemoryProbe:
             self.forward_max = {k: dict(v) for k, v in self.tracker.maxima.items()}
         self._mark("forward")
 
+    def micro_done(self) -> None:
+        """A micro-batch's backward is done: MemTracker refuses a second forward of the root module in
+        one tracking session (it takes it for the next iteration) unless its module stats are cleared.
+        The probe reads only its own snapshots and maxima, which stay."""
+        self.tracker.reset_mod_stats()
+
     def backward_done(self) -> None:
         self.points["backward"] = dict(self._now())
 

@@ -101,9 +101,12 @@ def predict(cfg, mcfg, emulated_bf16: bool = False) -> dict[str, int]:
     if cfg.adapter.kind != "none":
         stored -= _adapter_components(out, cfg, mcfg, model, buffers)
     # The forward's high point: the blocks' activations, autocast's cached weight copies of checkpointed
-    # blocks (kept until autocast exits, though no longer saved), and the loss's working set; the
-    # backward's: all gradients and what is still held (est["backward_held"]).
+    # blocks (kept until autocast exits, though no longer saved), and the loss's working set (with
+    # gradient accumulation, beside the gradients); the backward's: all gradients and what is still
+    # held (est["backward_held"]).
     forward = out["activations"] - stored + est["autocast_cache"] + out["loss_peak"]
+    if cfg.train.grad_accum > 1:  # every forward after the first runs beside the accumulated gradients
+        forward += out["gradients"]
     out["peak"] = out["weights"] + out["optimizer"] + max(forward, out["gradients"] + est["backward_held"])
     return out
 

@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 
 from stagewise import rundir
-from stagewise.checkpoint import save_checkpoint
+from stagewise.checkpoint.store import begin_checkpoint
 from stagewise.config.schema import ModelConfig
+from stagewise.distributed import WORLD, StepSync
 from stagewise.memory import StageMemory
 from stagewise.model import flops_per_token
 from stagewise.precision.schedule import stage_due, switch_precision
 from stagewise.train import setup
-from stagewise.train.metrics import MetricsLog, mfu, peak_flops, peak_memory_bytes
+from stagewise.train.metrics import MetricsLog, NullMetricsLog, mfu, peak_flops, peak_memory_bytes
 from stagewise.train.progress import Progress
 from stagewise.train.stage import Stage
 from stagewise.train.state import Counters, RNGState, TrainState
@@ -131,10 +132,13 @@ def fit(stage: Stage, mcfg: ModelConfig, device: torch.device, checkpoint: Path 
         fpt = adapter_flops_per_token(mcfg, cfg.adapter, stage.flops_seq_len)
     if stage.reference_forward:  # a reference forward per step: a third of the 6N + attention of training
         fpt += flops_per_token(mcfg, stage.flops_seq_len) // 3
-    steplog = StepLog(stage, MetricsLog(stage.run_dir / rundir.METRICS, resume_step=counters.step if checkpoint else 0),
-                      Progress(stage.end(), counters.step, cfg.log.progress, cfg.log.every), counters, fpt,
-                      peak_flops(device, trainee.precision.gemm_dtype))
-    memory = StageMemory(stage, mcfg, device, first_step=counters.step)
+    main = WORLD.main  # rank 0 alone writes metrics and memory.json and prints progress
+    metrics = MetricsLog(stage.run_dir / rundir.METRICS, resume_step=counters.step if checkpoint else 0) if main \
+        else NullMetricsLog()
+    steplog = StepLog(stage, metrics, Progress(stage.end(), counters.step, cfg.log.progress if main else "none",
+                                               cfg.log.every), counters, fpt,
+                      peak_flops(device, trainee.precision.gemm_dtype) * WORLD.size)
+    memory = StageMemory(stage, mcfg, device, first_step=counters.step, main=main, probes=not WORLD.on)
     _loop(stage, trainee, state, steplog, device, log, memory)
     memory.finish(device)
     steplog.progress.close()
@@ -147,12 +151,27 @@ def fit(stage: Stage, mcfg: ModelConfig, device: torch.device, checkpoint: Path 
 def _loop(stage: Stage, trainee: setup.Trainee, state: TrainState, steplog: StepLog, device, log,
           memory: StageMemory) -> None:
     cfg, counters = stage.cfg, state["counters"]
-    kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "-1"))
+    kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "-1")) if WORLD.kills_here() else -1
+    sync = StepSync(WORLD, trainee.call) if WORLD.on else None
 
-    def save(at_step: int) -> Path:
+    pending = []  # an async save being written (checkpoint.async_save), published once every rank is done
+
+    def publish(wait: bool) -> None:
+        if pending and (wait or WORLD.all(pending[0].future.done())):
+            pending.pop().wait()
+
+    def save(at_step: int, final: bool = False) -> Path:
         steplog.flush()  # skipped_steps must count the pending step
-        return save_checkpoint(stage.run_dir / rundir.CHECKPOINTS, at_step, trainee.model, trainee.optimizer,
-                               state.state_dict(), cfg.checkpoint.keep_last, trainable_only=trainee.adapter is not None)
+        publish(wait=True)  # one save in flight at a time
+        background = cfg.checkpoint.async_save and not final
+        started = begin_checkpoint(stage.run_dir / rundir.CHECKPOINTS, at_step, trainee.model, trainee.optimizer,
+                                   state.state_dict(), cfg.checkpoint.keep_last,
+                                   trainable_only=trainee.adapter is not None, background=background,
+                                   process_group=WORLD.checkpoint_group)
+        if not background:
+            return started.wait()
+        pending.append(started)
+        return started.target
 
     trainee.model.train()
     with _StopRequest() as stop:
@@ -161,20 +180,23 @@ def _loop(stage: Stage, trainee: setup.Trainee, state: TrainState, steplog: Step
                 save(counters.step)  # the trigger is now in a checkpoint: a resume cools down at the same step
                 stage.consume_cooldown_file()
             t0 = time.perf_counter()
+            # Global micro-batches (the same on every rank), counted before each rank keeps its rows:
+            # the normaliser and the token count are the global ones without a collective.
             micro = [stage.source.next() for _ in range(cfg.train.grad_accum)]
             normaliser = sum(stage.objective.count(b) for b in micro)  # on the CPU: the step need not wait
-            micro = [b.to(device) for b in micro]
+            step_tokens = sum(b.inputs.numel() for b in micro)  # padding included; padded SFT rows vary
+            micro = [WORLD.shard_batch(b).to(device) for b in micro]
             _maybe_switch_precision(stage, trainee, state, counters.step, device, steplog.progress)
             lr = stage.lr(counters.step)
             probe = memory.probe(trainee, counters.step)
             with probe or contextlib.nullcontext():
-                result = train_step(trainee.model, trainee.optimizer, trainee.precision, stage.objective, micro, lr,
-                                    cfg.train.grad_clip, normaliser=normaliser, observer=probe)
+                result = train_step(trainee.call or trainee.model, trainee.optimizer, trainee.precision,
+                                    stage.objective, micro, lr, cfg.train.grad_clip, normaliser=normaliser,
+                                    observer=probe, sync=sync)
             if probe is not None:
                 memory.record(probe, counters.step + 1, device)
             steplog.flush(t0)  # the previous step's line, now that this step is queued
             counters.step += 1
-            step_tokens = sum(b.inputs.numel() for b in micro)  # padding included; padded SFT rows vary
             counters.tokens_seen += step_tokens
             step = counters.step
             # stage index, realised mixture shares; loss scale, gradient/update format telemetry
@@ -183,10 +205,13 @@ def _loop(stage: Stage, trainee: setup.Trainee, state: TrainState, steplog: Step
                            "mem": peak_memory_bytes(device), "extra": extra}, result, t0)
             evaluate_now = step == stage.end() or bool(cfg.eval.every and step % cfg.eval.every == 0)
             checkpoint_now = step == stage.end() or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+            if WORLD.on and WORLD.any(stop.signum is not None) and stop.signum is None:
+                stop.signum = signal.SIGTERM  # another rank was asked to stop: all save this step together
             if evaluate_now or checkpoint_now or stop.signum or step == kill_at:
                 steplog.flush(evaluate=(lambda: stage.evaluate(trainee.model, trainee.precision)) if evaluate_now else None)
+            publish(wait=False)
             if checkpoint_now or stop.signum:
-                path = save(step)
+                path = save(step, final=step == stage.end() or bool(stop.signum))
                 if stop.signum:
                     steplog.progress.close()
                     steplog.metrics.close()
@@ -196,6 +221,7 @@ def _loop(stage: Stage, trainee: setup.Trainee, state: TrainState, steplog: Step
             if step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
         steplog.flush()
+        publish(wait=True)
 
 
 def _maybe_switch_precision(stage: Stage, trainee, state: TrainState, step: int, device, progress) -> None:

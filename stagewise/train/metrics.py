@@ -189,6 +189,16 @@ class MetricsLog:
         self._f.close()
 
 
+class NullMetricsLog:
+    """What ranks other than 0 write metrics to: nothing."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _step_of(line: str):
     try:
         return json.loads(line).get("step")

@@ -23,8 +23,10 @@ from stagewise.checkpoint.store import read_train_record
 from stagewise.config.loader import dump_yaml, from_dict, read_yaml
 from stagewise.config.schema import ModelConfig, RunConfig
 from stagewise.data import Tokenizer, open_dataset, resolve_dataset
+from stagewise.distributed import check_parallel, init_world, launched_world_size
 from stagewise.errors import CheckpointError, ConfigError
 from stagewise.generate.engine import generate_batch
+from stagewise.model import Transformer
 from stagewise.train import stages as plan
 from stagewise.train.kinds import RunData, build_stage
 from stagewise.train.loop import fit
@@ -60,11 +62,27 @@ def _first_init_from(cfg: RunConfig):
     return cfg.stages[0].init_from if cfg.stages else cfg.init_from
 
 
+def _quiet(msg: str) -> None:
+    pass
+
+
+def join_world(cfg: RunConfig, device, log):
+    """The process group torchrun describes, after the recipe's parallel settings are checked against
+    its size; (world, the log this rank prints to: rank 0's alone prints)."""
+    check_parallel(cfg, launched_world_size())
+    world = init_world(cfg.parallel, device)
+    if world.on and world.main:
+        log(f"parallel: {world.strategy} over {world.size} ranks" +
+            (f" (mesh {' x '.join(map(str, world.mesh.shape))})" if world.mesh is not None else ""))
+    return world, (log if world.main else _quiet)
+
+
 def start(cfg: RunConfig, log=print) -> Path:
     """Start a new run; returns the run directory."""
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    world, log = join_world(cfg, device, log)
     where = "stages[0].init_from" if cfg.stages else "init_from"
     init = rundir.load_init_source(_first_init_from(cfg)) if _first_init_from(cfg) else None
     if init and cfg.data.seq_len > init[0].max_seq_len:
@@ -73,7 +91,8 @@ def start(cfg: RunConfig, log=print) -> Path:
     tok_path = str(Path(init[2]) / rundir.TOKENIZER) if init else None
     if init:
         log(f"{where} {_first_init_from(cfg)}: its architecture and tokenizer replace the recipe's model section")
-    paths, tokenizer = _prepare_data(cfg, tok_path, log)
+    with world.main_first():  # rank 0 prepares (and caches) the data, the others then read it
+        paths, tokenizer = _prepare_data(cfg, tok_path, log)
     mcfg = init[0] if init else resolve_model_config(cfg.model, tokenizer.vocab_size)
     run = RunData(cfg, tokenizer, Path("."), {n: open_dataset(p) for n, p in paths.items()}, staged=bool(cfg.stages))
     for i in range(plan.n_stages(cfg)):  # fail on bad or too little data, bad adapters, before anything is written
@@ -83,7 +102,20 @@ def start(cfg: RunConfig, log=print) -> Path:
         validate(mcfg, stage.cfg.adapter, stage.cfg.precision.mode)
         check_memory(stage, mcfg, device)
 
-    run.run_dir = run_dir = rundir.new_run_dir(cfg.out_dir, cfg.name)
+    run.run_dir = run_dir = Path(world.broadcast(str(_write_run_dir(cfg, mcfg, tokenizer, init, paths, device))
+                                                 if world.main else None))
+    world.barrier()
+    world.run_dir = str(run_dir)
+    log(f"run directory: {run_dir}")
+    _drive(run, mcfg, device, None, log)
+    return run_dir
+
+
+def _write_run_dir(cfg: RunConfig, mcfg: ModelConfig, tokenizer, init, paths, device) -> Path:
+    """A new run directory with the recipe, model config, tokenizer and run info (rank 0 only)."""
+    from stagewise.distributed import WORLD
+
+    run_dir = rundir.new_run_dir(cfg.out_dir, cfg.name)
     run_dir.mkdir(parents=True)
     (run_dir / rundir.CONFIG).write_text(dump_yaml(cfg))
     rundir.write_json(run_dir / rundir.MODEL_CONFIG, dataclasses.asdict(mcfg))
@@ -99,9 +131,7 @@ def start(cfg: RunConfig, log=print) -> Path:
     rundir.write_json(run_dir / rundir.RUN_INFO, {
         "dataset": str(next(iter(paths.values()))) if paths else None, "domains": {n: str(p) for n, p in paths.items()},
         "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "python": sys.version.split()[0]})
-    log(f"run directory: {run_dir}")
-    _drive(run, mcfg, device, None, log)
+        "python": sys.version.split()[0], "world_size": WORLD.size, "strategy": WORLD.strategy})
     return run_dir
 
 
@@ -176,7 +206,9 @@ def check_memory(stage, mcfg: ModelConfig, device) -> None:
 
 def resume(run_dir: str | Path, log=print) -> Path:
     run_dir = Path(run_dir)
-    cfg, mcfg, info, device = load_run(run_dir, log)
+    cfg, mcfg, info, device = load_run(run_dir, log if launched_world_size() == 1 or _rank0() else _quiet)
+    world, log = join_world(cfg, device, log)
+    world.run_dir = str(run_dir)
     tokenizer = Tokenizer.load(run_dir / rundir.TOKENIZER)
     domains = info["domains"] if "domains" in info else {"": info["dataset"]}
     datasets = {n: open_dataset(Path(p), expect_tokenizer_sha=tokenizer.sha256) for n, p in domains.items()}
@@ -229,9 +261,34 @@ def _drive(run: RunData, mcfg: ModelConfig, device, ckpt, log) -> None:
     _finish(cfg, mcfg, run_dir, model, run.tokenizer, device, log)
 
 
+def _rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def unsharded(model, mcfg: ModelConfig):
+    """The whole model on rank 0, for export and sampling: the model itself, or under fsdp2/hsdp a plain
+    copy built from the gathered full state (a collective); None on the other ranks."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from stagewise.distributed import WORLD, full_state_dict
+
+    if not isinstance(model, FSDPModule):
+        return model if WORLD.main else None
+    state = full_state_dict(model, WORLD)
+    if state is None:
+        return None
+    device = model.rope_cos.device
+    plain = Transformer(mcfg)
+    plain.load_state_dict(state)
+    return plain.to(device)
+
+
 def _end_stage(run: RunData, mcfg: ModelConfig, model, index: int) -> None:
     """RUN_DIR/stages/<name>/ (the stage's final weights, for eval, sample, init_from and later analysis)
-    and forgetting.json over the stages completed so far."""
+    and forgetting.json over the stages completed so far (rank 0)."""
+    model = unsharded(model, mcfg)
+    if model is None:
+        return
     name = run.cfg.stages[index].name
     export_model(model, mcfg, run.run_dir, run.run_dir / plan.STAGES_DIR / name)
     plan.write_forgetting(run.cfg, run.run_dir, index + 1, plan.forgetting_domains(run.cfg))
@@ -254,7 +311,10 @@ def export_model(model, mcfg: ModelConfig, run_dir: Path, out: Path) -> None:
 
 
 def _finish(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, model, tokenizer, device, log) -> None:
-    """Export the final weights and print the recipe's samples (as chat turns after an sft stage)."""
+    """Export the final weights and print the recipe's samples (as chat turns after an sft stage; rank 0)."""
+    model = unsharded(model, mcfg)
+    if model is None:
+        return
     final = run_dir / rundir.FINAL
     export_model(model, mcfg, run_dir, final)
     model.eval()

@@ -8,7 +8,10 @@ Model transforms are applied from outside the model code, always in this order:
   3. checkpointing    (model/checkpointing.py: activation checkpointing of the blocks)
   4. compile          (regional torch.compile of the blocks, when the precision allows it; each
                        compiled block contains its checkpoint wrapper)
-  5. sharding         (the distributed issue)
+  5. sharding         (stagewise/distributed.py: fully_shard of every block and the root, or DDP beside
+                       the model; before the optimizer is built over the sharded parameters. Compile
+                       (4) is applied after the checkpoint is restored, to the sharded blocks, as
+                       torchtitan orders them: regional compile inside, FSDP's hooks outside)
 
 A stage starts from scratch, from `init_from`, from the previous stage's final checkpoint (a
 boundary), or from its own checkpoint (a resume); all four go through `build` and `restore`.
@@ -51,6 +54,7 @@ class Trainee:
     optimizer: torch.optim.Optimizer
     adapter: object = None
     base_from_export: bool = False  # the weights came from the stage's base, not from the checkpoint
+    call: object = None  # what the step's objective calls: the model, or its DDP wrapper (distributed.DDPModel)
 
     def optimizer_factory(self, stage: Stage, device):
         ratio = stage.cfg.adapter.lora_plus_ratio if self.adapter is not None else 1.0
@@ -97,7 +101,10 @@ def build(stage: Stage, mcfg: ModelConfig, device: torch.device, checkpoint, dat
         adapter = adapters.prepare(model, cfg.adapter, precision, stage.base, saved, data, cfg.seed)
     model.checkpoint_blocks(checkpoint_wrapper(cfg.train.activation_checkpointing,                 # 3. checkpointing
                                                cfg.train.checkpoint_every))
-    trainee = Trainee(model, precision, None, adapter, from_export)
+    from stagewise.distributed import WORLD, parallelize
+
+    call = parallelize(model, WORLD, precision.name)                                            # 5. sharding
+    trainee = Trainee(model, precision, None, adapter, from_export, call)
     trainee.optimizer = precision.setup_optimizer(trainee.optimizer_factory(stage, device)(model))
     return trainee, record
 

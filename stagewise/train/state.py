@@ -30,12 +30,21 @@ class Counters:
 
 
 class RNGState:
-    """Python, NumPy and torch (CPU and CUDA) generators."""
+    """Python, NumPy and torch (CPU and CUDA) generators; under torch.distributed every rank's, as
+    {"ranks": [rank 0's, rank 1's, ...]} (a collective: every rank saves). A resume at another world
+    size gives each rank the state of the rank of that number, rank 0's where the saved job had fewer."""
 
     def state_dict(self) -> dict:
-        return capture_rng()
+        from stagewise.distributed import WORLD
+
+        return {"ranks": WORLD.gather(capture_rng())} if WORLD.on else capture_rng()
 
     def load_state_dict(self, state: dict) -> None:
+        from stagewise.distributed import WORLD
+
+        if "ranks" in state:
+            ranks = state["ranks"]
+            state = ranks[WORLD.rank] if WORLD.rank < len(ranks) else ranks[0]
         restore_rng(state)
 
 
