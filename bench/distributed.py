@@ -7,6 +7,8 @@ CPython standard library, fp32, for the same steps and global batches. Read back
   tokens/s      median over the steps after the first 3 (global tokens: both ranks together)
   peak RSS      metrics.jsonl's peak_mem_bytes of the last step: rank 0's VmHWM (the ranks are
                 symmetric), interpreter, data and all
+  state held    weights + gradients + AdamW states rank 0 holds after its 2nd step, counted from its
+                tensors (memory.json measured_rank; one process: the plan's exact prediction)
   loss          the last step's training loss (the same global batches, so it should agree)
 
 The checkpoint part builds the same model with AdamW in this process, takes one step (so that the
@@ -60,7 +62,7 @@ log: {{progress: none}}
 sample: {{prompts: []}}
 """
 CONFIGS = [("1 process x 2 threads", 2, None), ("DDP 2 ranks x 1 thread", 1, "ddp"),
-           ("FSDP2 2 ranks x 1 thread", 1, "fsdp2")]
+           ("FSDP2 2 ranks x 1 thread", 1, "fsdp2"), ("1 process x 1 thread", 1, None)]
 
 
 def run(recipe: Path, out: Path, name: str, strategy: str | None) -> dict:
@@ -76,8 +78,11 @@ def run(recipe: Path, out: Path, name: str, strategy: str | None) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+    memory = next(iter(json.loads((out / name / "memory.json").read_text()).values()))
+    held = memory.get("measured_rank") or memory["predicted"]  # one process: its whole state, as predicted
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in records[3:]),
-            "peak_rss": records[-1]["peak_mem_bytes"], "loss": records[-1]["loss"]}
+            "peak_rss": records[-1]["peak_mem_bytes"], "loss": records[-1]["loss"],
+            "state_held": held["weights"] + held["gradients"] + held["optimizer"]}
 
 
 def checkpoint_wait(repeats: int = 3) -> dict:
@@ -112,10 +117,11 @@ def checkpoint_wait(repeats: int = 3) -> dict:
 
 def table(rec: dict) -> str:
     base = rec["runs"][0]
-    lines = ["| configuration | tokens/s | vs 1 process | peak RSS (rank 0) | last loss |", "|---|---|---|---|---|"]
+    lines = ["| configuration | tokens/s | vs 1 process | state held (rank 0) | peak RSS (rank 0) | last loss |",
+             "|---|---|---|---|---|---|"]
     for r in rec["runs"]:
         lines.append(f"| {r['label']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
-                     f"{r['peak_rss'] / 2**20:,.0f} MiB | {r['loss']:.4f} |")
+                     f"{r['state_held'] / 2**20:,.0f} MiB | {r['peak_rss'] / 2**20:,.0f} MiB | {r['loss']:.4f} |")
     c = rec["checkpoint"]
     lines += ["", f"checkpoint of {c['state_bytes'] / 2**20:,.0f} MiB (weights + AdamW): the loop waits "
               f"{c['sync_s']:.3f} s synchronous, {c['async_wait_s']:.3f} s async "
@@ -135,7 +141,7 @@ def main() -> None:
             recipe = tmp / f"r{threads}.yaml"
             recipe.write_text(RECIPE.format(threads=threads, model=json.dumps(MODEL), steps=args.steps,
                                             cache=ROOT / "bench" / ".cache"))
-            r = run(recipe, tmp / "runs", label.split()[0].lower(), strategy)
+            r = run(recipe, tmp / "runs", f"{strategy or 'single'}-{threads}t", strategy)
             rec["runs"].append({"label": label, "strategy": strategy, **r})
             print(f"{label}: {r['tokens_per_s']:,.0f} tok/s, peak RSS {r['peak_rss'] / 2**20:,.0f} MiB", flush=True)
     rec["checkpoint"] = checkpoint_wait()

@@ -43,14 +43,17 @@ def _add_training_commands(sub, fmt) -> None:
     r = sub.add_parser("run", help="train from a recipe (creates a run directory)", formatter_class=fmt,
                        description="Train from a YAML recipe. Creates out_dir/name (or name-2, -3 ... if taken) "
                        "holding the resolved config, metrics.jsonl, checkpoints and the final exported model. "
-                       "Ctrl-C or SIGTERM saves a checkpoint before exiting. " + OVERRIDES_HELP,
+                       "Ctrl-C or SIGTERM saves a checkpoint before exiting. Several processes: torchrun "
+                       "--nproc-per-node=N -m stagewise run RECIPE, with parallel.strategy ddp, fsdp2 or hsdp "
+                       "(docs/distributed.md); train.batch_size is then the global micro-batch. " + OVERRIDES_HELP,
                        epilog=_config_epilog())
     r.add_argument("recipe", help="path to a recipe YAML (see recipes/)")
 
     s = sub.add_parser("resume", help="continue a stopped or killed run",
                        description="Continue RUN_DIR from its newest complete checkpoint with the config saved "
                        "in it. On the same machine and thread count the result is bitwise identical to a run "
-                       "that was never interrupted.")
+                       "that was never interrupted. A run started under torchrun resumes under torchrun at the "
+                       "same or another number of processes, or in one process (the same global batches).")
     s.add_argument("run_dir", help="a run directory created by `stagewise run`")
 
     pl = sub.add_parser("plan", help="print config, size, FLOPs and predicted memory without training",

@@ -109,28 +109,33 @@ def check_parallel(cfg, world_size: int) -> None:
         raise ConfigError("sft.loss: asft runs the model's trunk outside DDP's forward, so DDP would not reduce its "
                           "gradients; use parallel.strategy: fsdp2, or sft.loss ce or dft")
     for where, sc in stage_cfgs:
-        if sc.train.batch_size % world_size:
-            raise ConfigError(f"{where}train.batch_size: {sc.train.batch_size} rows do not split over {world_size} ranks; "
-                              f"use a multiple of {world_size} (it is the global micro-batch)")
-        if strategy in ("fsdp2", "hsdp"):
-            if sc.precision.mode not in SHARDED_PRECISIONS:
-                raise ConfigError(f"{where}precision.mode: {sc.precision.mode} cannot be sharded with {strategy} (valid: "
-                                  f"{', '.join(SHARDED_PRECISIONS)}; docs/distributed.md says why); use "
-                                  "parallel.strategy: ddp")
-            if sc.optim.name not in SHARDED_OPTIMIZERS:
-                raise ConfigError(f"{where}optim.name: {sc.optim.name} cannot run on {strategy}'s sharded matrices (valid: "
-                                  f"{', '.join(SHARDED_OPTIMIZERS)}; projections and Newton-Schulz need whole matrices, "
-                                  "8/4-bit codes are per-shard blocks); use parallel.strategy: ddp")
-            if sc.adapter.kind != "none":
-                raise ConfigError(f"{where}adapter.kind: {sc.adapter.kind} is not sharded by {strategy} yet; adapters train "
-                                  "under parallel.strategy: ddp")
-        if sc.precision.schedule:
-            raise ConfigError(f"{where}precision.schedule: switching precision mid-stage is not supported with "
-                              f"{strategy} (the gradient buckets are built for the parameters' dtype); train the "
-                              "phases as stages, or in one process")
-        if sc.precision.mode == "fp8":
-            raise ConfigError(f"{where}precision.mode: fp8 keeps per-rank amax histories that are not synchronised; "
-                              "train fp8 in one process, or bf16-mixed on several")
+        _check_stage(where, sc, strategy, world_size)
+
+
+def _check_stage(where: str, sc, strategy: str, world_size: int) -> None:
+    """One stage's settings against the strategy (where: its recipe prefix, "" for a plain recipe)."""
+    if sc.train.batch_size % world_size:
+        raise ConfigError(f"{where}train.batch_size: {sc.train.batch_size} rows do not split over {world_size} ranks; "
+                          f"use a multiple of {world_size} (it is the global micro-batch)")
+    if strategy in ("fsdp2", "hsdp"):
+        if sc.precision.mode not in SHARDED_PRECISIONS:
+            raise ConfigError(f"{where}precision.mode: {sc.precision.mode} cannot be sharded with {strategy} (valid: "
+                              f"{', '.join(SHARDED_PRECISIONS)}; docs/distributed.md says why); use "
+                              "parallel.strategy: ddp")
+        if sc.optim.name not in SHARDED_OPTIMIZERS:
+            raise ConfigError(f"{where}optim.name: {sc.optim.name} cannot run on {strategy}'s sharded matrices (valid: "
+                              f"{', '.join(SHARDED_OPTIMIZERS)}; projections and Newton-Schulz need whole matrices, "
+                              "8/4-bit codes are per-shard blocks); use parallel.strategy: ddp")
+        if sc.adapter.kind != "none":
+            raise ConfigError(f"{where}adapter.kind: {sc.adapter.kind} is not sharded by {strategy} yet; adapters train "
+                              "under parallel.strategy: ddp")
+    if sc.precision.schedule:
+        raise ConfigError(f"{where}precision.schedule: switching precision mid-stage is not supported with "
+                          f"{strategy} (the gradient buckets are built for the parameters' dtype); train the "
+                          "phases as stages, or in one process")
+    if sc.precision.mode == "fp8":
+        raise ConfigError(f"{where}precision.mode: fp8 keeps per-rank amax histories that are not synchronised; "
+                          "train fp8 in one process, or bf16-mixed on several")
 
 
 def _stage_configs(cfg):

@@ -501,3 +501,26 @@ def test_fsdp2_two_ranks_checkpoints_cross_world_sizes(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(exported[k], v), k
     train_step(model, opt, 2)  # the loaded optimizer state is usable
+
+
+def test_async_checkpoint_holds_the_state_of_its_step_and_publishes_on_wait(tmp_path):
+    """begin_checkpoint(background=True) copies the tensors at the call: training that goes on while the
+    thread writes changes nothing in the file, and the directory appears only once wait() publishes it."""
+    from stagewise.checkpoint.store import begin_checkpoint
+
+    model, opt = make(0, True)
+    train_step(model, opt, 0)
+    at_save = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = {k: v.clone() for k, v in opt.state[next(iter(model.parameters()))].items()}
+    pending = begin_checkpoint(tmp_path, 1, model, opt, {"i": 1}, keep_last=2, background=True)
+    for s in range(1, 4):  # the run continues while the checkpoint is written
+        train_step(model, opt, s)
+    assert latest_checkpoint(tmp_path) is None  # not published before wait()
+    path = pending.wait()
+    assert path == tmp_path / "step_00000001" and latest_checkpoint(tmp_path) == path
+    model2, opt2 = make(1, True)
+    assert load_checkpoint(path, model2, opt2)["i"] == 1
+    for k, v in model2.state_dict().items():
+        assert v.equal(at_save[k]), k
+    for k, v in opt2.state[next(iter(model2.parameters()))].items():
+        assert torch.as_tensor(v).equal(torch.as_tensor(moments[k])), k

@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli, tiny_recipe
-from stagewise.config.loader import load_recipe
+from stagewise.config.loader import from_dict, load_recipe
+from stagewise.config.schema import ModelConfig
 from stagewise.distributed import check_parallel
 from stagewise.errors import ConfigError
+from stagewise.model import Transformer
 from stagewise.rundir import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -78,6 +80,12 @@ def test_two_ranks_equal_one_process_and_write_once(job, strategy):
     rng = json.loads((run / "checkpoints" / "step_00000010" / "train_state.json").read_text())["train_state"]["rng"]
     assert len(rng["ranks"]) == 2  # every rank's generators
     assert (run / "final" / "model.safetensors").is_file() and (run / "memory.json").is_file()
+    # what rank 0 holds, counted from its tensors: the whole model under DDP, half of it under FSDP2
+    held = next(iter(json.loads((run / "memory.json").read_text()).values()))["measured_rank"]
+    mcfg = from_dict(ModelConfig, json.loads((run / "model_config.json").read_text()))
+    full = sum(p.numel() * 4 for p in Transformer(mcfg).parameters())
+    share = full if strategy == "ddp" else full // 2
+    assert (held["weights"], held["gradients"], held["optimizer"]) == (share, share, 2 * share)
 
 
 def test_resume_across_world_sizes(job):

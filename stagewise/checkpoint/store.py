@@ -154,24 +154,10 @@ def _optimizer_record(model: nn.Module, optimizer: torch.optim.Optimizer) -> tup
 # save
 
 
-def save_checkpoint(
-    ckpt_root: Path,
-    step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    train_state: dict[str, Any],
-    keep_last: int,
-    trainable_only: bool = False,
-) -> Path:
+def save_checkpoint(*args, **kwargs) -> Path:
     """Write `ckpt_root/step_{step:08d}` atomically; keep only the newest `keep_last` checkpoints.
-
-    trainable_only: leave frozen parameters out (an adapter run: its base is rebuilt from where it
-    came from and checked against the hash its train_state records); buffers are always kept.
-
-    `train_state` must be JSON-serializable (tuples come back as lists); the loader returns
-    it with `"step"` set. Re-saving an existing step replaces it. Returns the new directory.
-    """
-    return begin_checkpoint(ckpt_root, step, model, optimizer, train_state, keep_last, trainable_only).wait()
+    Arguments as begin_checkpoint's (without background); returns the new directory."""
+    return begin_checkpoint(*args, **kwargs, background=False).wait()
 
 
 def begin_checkpoint(
@@ -182,13 +168,21 @@ def begin_checkpoint(
     train_state: dict[str, Any],
     keep_last: int,
     trainable_only: bool = False,
-    background: bool = False,
+    *,
+    background: bool = True,
     process_group=None,
 ) -> "PendingCheckpoint":
-    """save_checkpoint's work up to the publishing: with background=True the tensors are copied now and
-    written by dcp.async_save in a thread (process_group: the group its collectives use, not the
-    training's); the returned PendingCheckpoint's wait() publishes it. Until then the previous
-    checkpoints are the complete ones. Every rank calls wait() at the same point of the loop."""
+    """Start writing `ckpt_root/step_{step:08d}`; its PendingCheckpoint's wait() publishes it (atomically)
+    and keeps only the newest `keep_last` checkpoints.
+
+    trainable_only: leave frozen parameters out (an adapter run: its base is rebuilt from where it
+    came from and checked against the hash its train_state records); buffers are always kept.
+    `train_state` must be JSON-serializable (tuples come back as lists); the loader returns
+    it with `"step"` set. Re-saving an existing step replaces it.
+
+    background: the tensors are copied now and written by dcp.async_save in a thread (process_group:
+    the group its collectives use, not the training's); until wait() the previous checkpoints are the
+    complete ones. Every rank calls wait() at the same point of the loop."""
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise CheckpointError(f"checkpoint step must be a non-negative int, got {step!r}")
     if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1:
@@ -237,10 +231,9 @@ def begin_checkpoint(
         if not background:
             dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp), no_dist=not _dist_on())
         else:
-            # DCP's own staging leaves CPU tensors in place (.to("cpu") is a no-op), and training goes on
-            # updating them: the thread writes a copy taken here.
-            staged = {k: v.detach().clone() if v.device.type == "cpu" else v.detach().to("cpu") for k, v in tensors.items()}
-            pending.future = dcp.async_save(staged, storage_writer=dcp.FileSystemWriter(tmp),
+            # async_save stages a CPU copy of every tensor before it returns (FileSystemWriter is its stager),
+            # so training may update them at once (tests/test_checkpoint.py checks the file holds this step).
+            pending.future = dcp.async_save(tensors, storage_writer=dcp.FileSystemWriter(tmp),
                                             process_group=process_group, no_dist=not _dist_on())
     return pending
 

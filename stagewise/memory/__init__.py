@@ -27,6 +27,21 @@ def settings(cfg) -> dict:
             "checkpoint_every": cfg.train.checkpoint_every, "adapter": cfg.adapter.kind}
 
 
+def local_state_bytes(model, optimizer) -> dict[str, int]:
+    """weights / gradients / optimizer: bytes of the tensors this process holds (a DTensor's local shard)."""
+    import torch
+
+    def nbytes(t) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    params = list(model.parameters())
+    states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+    return {"weights": sum(nbytes(p) for p in params), "gradients": sum(nbytes(p.grad) for p in params
+                                                                        if p.grad is not None),
+            "optimizer": sum(nbytes(v) for v in states)}
+
+
 class StageMemory:
     """One stage's memory record: predicted at the start, measured at the probe step, peak RSS at the end."""
 
@@ -53,6 +68,17 @@ class StageMemory:
         from stagewise.memory.measure import MemoryProbe
 
         return MemoryProbe(trainee.model, trainee.optimizer, self.device)
+
+    def record_local(self, trainee, step: int, device) -> None:
+        """Under torch.distributed, at the probe step: the bytes of the weights, gradients and optimizer
+        states this rank holds (its shards under fsdp2/hsdp), counted from the tensors themselves."""
+        from stagewise.train.metrics import peak_memory_bytes
+
+        if step != self.probe_step + 1 or self.probes:
+            return
+        self.record_["measured_rank"] = {**local_state_bytes(trainee.model, trainee.optimizer), "at_step": step,
+                                         "process": peak_memory_bytes(device)}
+        self._write()
 
     def record(self, probe, step: int, device) -> None:
         from stagewise.train.metrics import peak_memory_bytes

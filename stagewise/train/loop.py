@@ -195,6 +195,8 @@ def _loop(stage: Stage, trainee: setup.Trainee, state: TrainState, steplog: Step
                                     observer=probe, sync=sync)
             if probe is not None:
                 memory.record(probe, counters.step + 1, device)
+            elif WORLD.on:
+                memory.record_local(trainee, counters.step + 1, device)
             steplog.flush(t0)  # the previous step's line, now that this step is queued
             counters.step += 1
             counters.tokens_seen += step_tokens
