@@ -6,6 +6,7 @@ Every user-caused error surfaces as one line `error: ...` on stderr and exit sta
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import textwrap
@@ -26,10 +27,52 @@ def _config_epilog() -> str:
     return "\n".join(lines)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported like every other error: one line, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _finite_float(low: float, high: float = float("inf"), low_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
+        if not ok:
+            bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]" if math.isfinite(high) else f">= {low:g}"
+            raise argparse.ArgumentTypeError(f"expected a finite number {'in ' if math.isfinite(high) else ''}"
+                                             f"{bounds}, got {text!r}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def _text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected non-empty text")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(prog="stagewise", description="Train language models through every stage of "
-                                "their life, at any precision, resumable bit for bit.")
+    p = _Parser(prog="stagewise", description="Train language models through every stage of "
+                "their life, at any precision, resumable bit for bit.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     _add_training_commands(sub, fmt)
@@ -83,18 +126,18 @@ def _add_model_commands(sub, fmt) -> None:
                         description="Generate from a run directory (newest checkpoint), a checkpoint "
                         "directory or an exported model directory, with a KV cache.")
     sm.add_argument("ckpt", help="run directory, checkpoint directory or exported model directory")
-    sm.add_argument("--prompt", required=True, help="text to continue")
-    sm.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
-    sm.add_argument("--temperature", type=float, default=0.8,
+    sm.add_argument("--prompt", required=True, type=_text, help="text to continue")
+    sm.add_argument("--max-new-tokens", type=_int_at_least(1), default=200, help="tokens to generate (default 200)")
+    sm.add_argument("--temperature", type=_finite_float(0.0), default=0.8,
                     help="softmax temperature; 0 gives greedy decoding (default 0.8)")
     sm.add_argument("--greedy", action="store_true", help="greedy decoding (same as --temperature 0)")
     sm.add_argument("--chat", action="store_true", help="send the prompt as a user turn through the model's chat "
                     "template and print only the assistant's reply, stopping at the template's end-of-turn token")
-    sm.add_argument("--top-k", type=int, default=50, help="sample only among the k most likely tokens; 0 = off")
-    sm.add_argument("--top-p", type=float, default=1.0,
+    sm.add_argument("--top-k", type=_int_at_least(0), default=50, help="sample only among the k most likely tokens; 0 = off")
+    sm.add_argument("--top-p", type=_finite_float(0.0, 1.0, low_open=True), default=1.0,
                     help="nucleus sampling: smallest token set with this total probability (default 1.0 = off)")
-    sm.add_argument("--num-samples", type=int, default=1, help="independent samples to draw (default 1)")
-    sm.add_argument("--seed", type=int, default=0, help="sampling seed; same seed, same text (default 0)")
+    sm.add_argument("--num-samples", type=_int_at_least(1), default=1, help="independent samples to draw (default 1)")
+    sm.add_argument("--seed", type=_int_at_least(0), default=0, help="sampling seed; same seed, same text (default 0)")
     sm.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
 
     ev = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint on a data set",
@@ -109,10 +152,10 @@ def _add_model_commands(sub, fmt) -> None:
     ev.add_argument("--split", choices=["val", "train"], default="val",
                     help="split of a prepared dataset (default val)")
     ev.add_argument("--field", default="text", help="JSONL/Parquet text field (default text)")
-    ev.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's data.seq_len, "
+    ev.add_argument("--seq-len", type=_int_at_least(1), default=None, help="window length (default: the run's data.seq_len, "
                     "else 512)")
-    ev.add_argument("--batch-size", type=int, default=8, help="windows per batch (default 8)")
-    ev.add_argument("--max-tokens", type=int, default=262144,
+    ev.add_argument("--batch-size", type=_int_at_least(1), default=8, help="windows per batch (default 8)")
+    ev.add_argument("--max-tokens", type=_int_at_least(1), default=262144,
                     help="evaluate at most this many target tokens, from evenly spaced windows (default 262144)")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
 
@@ -191,7 +234,7 @@ def _add_data_and_report_commands(sub, fmt) -> None:
                     help="a source, repeatable: python-stdlib, shakespeare, python-docs, text:PATH, jsonl:PATH, parquet:PATH")
     dp.add_argument("--field", default="text", help="JSONL/Parquet text field (default text)")
     dp.add_argument("--tokenizer", default=None, help="use this existing tokenizer.json instead of training one")
-    dp.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size to train (default 8192)")
+    dp.add_argument("--vocab-size", type=_int_at_least(1), default=None, help="BPE vocabulary size to train (default 8192)")
     dp.add_argument("--val-fraction", type=float, default=None,
                     help="fraction of documents held out for validation (default 0.02)")
     dp.add_argument("--out", required=True, help="output dataset directory (must not exist)")

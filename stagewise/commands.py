@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from stagewise.errors import ConfigError, DataError
+from stagewise.rundir import check_new_dir
 
 
 def _overrides(extra: list[str]) -> list[str]:
@@ -63,13 +64,7 @@ def cmd_sample(args, extra) -> int:
 
     from stagewise.rundir import load_model
 
-    if args.max_new_tokens <= 0:
-        raise ConfigError(f"--max-new-tokens: expected an integer > 0, got {args.max_new_tokens}")
-    if not 0 < args.top_p <= 1:
-        raise ConfigError(f"--top-p: expected a float in (0, 1], got {args.top_p}")
-    if args.temperature < 0 or args.top_k < 0:
-        raise ConfigError("--temperature and --top-k: expected values >= 0")
-    device = _device(args.device)
+    device = _device(args.device)  # the numbers are checked by the parser (cli.py)
     model, tok, _ = load_model(args.ckpt, device)
     temperature = 0.0 if args.greedy else args.temperature
     gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -169,9 +164,7 @@ def cmd_export(args, extra) -> int:
 
     import torch
 
-    out = Path(args.out)
-    if out.exists():
-        raise ConfigError(f"{out}: already exists; choose a new output directory")
+    out = check_new_dir(args.out)
     _, _, meta_dir = resolve_model_source(args.ckpt)
     model, _, mcfg = load_model(args.ckpt, torch.device("cpu"))
     export_safetensors(model, export_config(mcfg), out, extra_files=tokenizer_files(meta_dir))
@@ -259,9 +252,7 @@ def cmd_data(args, extra) -> int:
 
     data = from_dict(DataConfig, dataclasses.asdict(data), "data")  # re-validate the edited values
     check_consistency(RunConfig(data=data))
-    out = Path(args.out)
-    if out.exists():
-        raise ConfigError(f"--out {out}: already exists; choose a new directory")
+    out = check_new_dir(args.out)
     prepare_dataset(data, out, log=_log)
     print(f"prepared {out}  (use it with --data.prepared={out})")
     return 0

@@ -51,6 +51,60 @@ def new_run_dir(out_dir: str, name: str) -> Path:
     return path
 
 
+LOCK = ".lock"
+
+
+class RunLock:
+    """An exclusive lock on RUN_DIR while a run or resume drives it: a second one of the same directory
+    stops with one line naming the holder. flock: the kernel releases it when the holder exits, however
+    it exits, so a killed run never leaves a stale lock."""
+
+    def __init__(self, run_dir: Path):
+        import fcntl
+        import os
+
+        self.file = open(Path(run_dir) / LOCK, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise CheckpointError(f"{run_dir} is in use by process {holder} (a stagewise run or resume of it); "
+                                  "wait for it to finish or stop it, then resume") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+
+    def release(self) -> None:
+        if not self.file.closed:
+            self.file.close()  # closing the last descriptor drops the flock
+
+
+def check_new_dir(path: str | Path, what: str = "output directory") -> Path:
+    """A directory about to be created: it must not exist, and nothing on its way may be a file."""
+    path = Path(path)
+    if path.exists():
+        raise ConfigError(f"{path}: already exists; choose a new {what}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{path}: {parent} is a file, not a directory; choose another {what}")
+            break
+    return path
+
+
+def check_dir_or_absent(path: str | Path, what: str) -> None:
+    """A directory stagewise writes into (out_dir, data.cache_dir): absent, or a directory."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"{what}: {p} is a file; expected a directory (or a path that does not exist)")
+            return
+
+
 def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -124,7 +178,12 @@ def load_model_config(meta_dir: Path) -> ModelConfig:
     for name in (MODEL_CONFIG, "config.json"):
         f = meta_dir / name
         if f.is_file():
-            data = json.loads(f.read_text())
+            try:
+                data = json.loads(f.read_text())
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{f}: not valid JSON ({e}); the model description is damaged") from None
+            if not isinstance(data, dict):
+                raise CheckpointError(f"{f}: expected a JSON object describing the model, got a {type(data).__name__}")
             data = data.get("stagewise_model", data)
             return from_dict(ModelConfig, data, "model")
     raise CheckpointError(f"{meta_dir}: no {MODEL_CONFIG} or config.json describing the model")
@@ -156,6 +215,9 @@ def load_model(path: str | Path, device: torch.device):
     if not tok_path.is_file():
         raise CheckpointError(f"{meta_dir}: missing {TOKENIZER}")
     tokenizer = Tokenizer.load(tok_path)
+    if tokenizer.vocab_size > mcfg.vocab_size:
+        raise CheckpointError(f"{tok_path}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
+                              f"vocab_size {mcfg.vocab_size}; it belongs to another model")
     record = _adapter_record(weights)
     if record is not None:  # an adapter run's checkpoint: its base plus its adapters
         from stagewise.adapters.rebuild import load_adapter_checkpoint

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from stagewise.adapters.apply import adapters, hf_module_name, stagewise_module_name
 from stagewise.errors import CheckpointError, ConfigError
+from stagewise.rundir import check_new_dir
 
 ADAPTER_WEIGHTS, ADAPTER_META = "adapter.safetensors", "adapter.json"
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -105,9 +106,7 @@ def to_peft(meta: dict, tensors: dict[str, torch.Tensor], base_name: str) -> tup
 
 def export_peft(src: Path, out: Path, base_name: str | None = None, log=print) -> Path:
     """Write the PEFT adapter of export directory `src` (a run's final/ or stages/<name>/) to `out`."""
-    src, out = Path(src), Path(out)
-    if out.exists():
-        raise ConfigError(f"{out}: already exists; choose a new output directory")
+    src, out = Path(src), check_new_dir(out)
     meta, tensors = read_adapter(src)
     config, peft_tensors = to_peft(meta, tensors, base_name or meta.get("base") or "")
     out.mkdir(parents=True)
@@ -246,9 +245,7 @@ def import_peft(adapter_dir: Path, base, out: Path, log=print) -> Path:
     from stagewise.adapters.apply import merged_state_dict
     from stagewise.checkpoint import export_config, export_safetensors
 
-    out = Path(out)
-    if out.exists():
-        raise ConfigError(f"{out}: already exists; choose a new output directory")
+    out = check_new_dir(out)
     model, mcfg, files_dir, hf = _adapted_base(adapter_dir, base)
     meta = model.adapter_record
     with tempfile.TemporaryDirectory() as tmp:

@@ -23,6 +23,8 @@ filesystem all ranks share.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import re
@@ -63,6 +65,8 @@ OPTIM_PREFIX = "optimizer."
 # the checkpoint is fully written to the temporary directory and before the rename
 # (tests/test_checkpoint.py, tests/test_resume.py).
 KILL_DURING_SAVE_ENV = "STAGEWISE_TEST_KILL_DURING_SAVE"
+# Test hook: the save of that step sends its own process two SIGINTs (a double Ctrl-C) before publishing.
+SIGINT_DURING_SAVE_ENV = "STAGEWISE_TEST_SIGINT_DURING_SAVE"
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _JSON_HINT = "store plain numbers, strings, lists and dicts"
@@ -209,7 +213,7 @@ def begin_checkpoint(
     }
     # Serialise before touching the disk, so a bad train_state leaves nothing behind.
     try:
-        text = json.dumps(record, indent=1)
+        json.dumps(record)
     except TypeError:
         where, kind = first_unjsonable(train_state, "train_state") or ("train_state", "value")
         raise CheckpointError(f"{where} is a {kind}, which JSON cannot hold; {_JSON_HINT}") from None
@@ -226,37 +230,129 @@ def begin_checkpoint(
         tmp.mkdir()
     _barrier()
 
-    pending = PendingCheckpoint(step, tmp, target, text, keep_last)
+    pending = PendingCheckpoint(step, tmp, target, record, keep_last)
+    needed = sum(t.numel() * t.element_size() for t in tensors.values())  # global shapes: the whole checkpoint
     with quiet_single_process():
         if not background:
-            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp), no_dist=not _dist_on())
+            _write_or_explain(tmp, lambda: dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp),
+                                                    no_dist=not _dist_on()), needed)
+            pending.finish_write()
         else:
             # async_save stages a CPU copy of every tensor before it returns (FileSystemWriter is its stager),
             # so training may update them at once (tests/test_checkpoint.py checks the file holds this step).
-            pending.future = dcp.async_save(tensors, storage_writer=dcp.FileSystemWriter(tmp),
-                                            process_group=process_group, no_dist=not _dist_on())
+            future = dcp.async_save(tensors, storage_writer=dcp.FileSystemWriter(tmp),
+                                    process_group=process_group, no_dist=not _dist_on())
+            pending.start_thread(future, needed)
     return pending
+
+
+def _write_or_explain(tmp: Path, write, needed: int) -> None:
+    """Run `write`; a write that fails on a full disk (ENOSPC anywhere in the cause chain, or less free
+    space left than the checkpoint needs: torch's writer reports only "file write failed") becomes one
+    line, with the partial directory removed and the previous checkpoints untouched."""
+    try:
+        write()
+    except Exception as e:
+        chain, cause = [], e
+        while cause is not None and len(chain) < 10:
+            chain.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        full = any(isinstance(c, OSError) and c.errno == errno.ENOSPC for c in chain)
+        try:
+            full = full or shutil.disk_usage(tmp.parent).free < needed
+        except OSError:
+            pass
+        if not full:
+            raise
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"no space left on {tmp.parent}: the checkpoint needs ~{needed / 2**20:,.0f} MiB; the "
+                              "previous checkpoints are intact; free space and resume") from None
+
+
+def file_checksums(path: Path) -> dict[str, dict]:
+    """name -> {bytes, sha256} of every file a checkpoint directory holds (train_state.json aside)."""
+    out = {}
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if entry.is_file() and entry.name != STATE_FILE:
+            h = hashlib.sha256()
+            with open(entry.path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+            out[entry.name] = {"bytes": entry.stat().st_size, "sha256": h.hexdigest()}
+    return out
+
+
+def verify_checkpoint(path: Path) -> None:
+    """One CheckpointError naming the first file that is missing, cut short or changed since it was saved
+    (checkpoints record each file's size and sha256; older ones without the record are only read)."""
+    path = Path(path)
+    files = read_train_record(path).get("files")
+    if not isinstance(files, dict):
+        return
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{path}: {name} is missing; the checkpoint is incomplete")
+        size = f.stat().st_size
+        if size != want.get("bytes"):
+            raise CheckpointError(f"{path}: {name} has {size} bytes, {want.get('bytes')} were saved; the file is "
+                                  "truncated or damaged")
+    found = file_checksums(path)
+    for name, want in files.items():
+        if found[name]["sha256"] != want.get("sha256"):
+            raise CheckpointError(f"{path}: {name} does not match the checksum recorded when it was saved; "
+                                  "the file is damaged")
 
 
 class PendingCheckpoint:
     """A checkpoint whose tensors are written (or being written by async_save); wait() publishes it:
-    rank 0 adds train_state.json, fsyncs, renames into place and prunes old ones, between barriers."""
+    rank 0 adds train_state.json (with every file's size and sha256), fsyncs, renames into place and
+    prunes old ones, between barriers."""
 
-    def __init__(self, step: int, tmp: Path, target: Path, text: str, keep_last: int):
-        self.step, self.tmp, self.target, self.text, self.keep_last = step, tmp, target, text, keep_last
-        self.future, self.done = None, False
+    def __init__(self, step: int, tmp: Path, target: Path, record: dict, keep_last: int):
+        self.step, self.tmp, self.target, self.record, self.keep_last = step, tmp, target, record, keep_last
+        self.done, self._thread, self._error = False, None, None
+
+    def finish_write(self) -> None:
+        """After the tensors are on disk: rank 0 records the files' checksums."""
+        if _rank() == 0:
+            self.record["files"] = file_checksums(self.tmp)
+
+    def start_thread(self, future, needed: int) -> None:
+        import threading
+
+        def run():
+            try:
+                _write_or_explain(self.tmp, future.result, needed)
+                self.finish_write()
+            except BaseException as e:  # raised again by wait(), on the loop's thread
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name="stagewise-checkpoint", daemon=True)
+        self._thread.start()
+
+    def written(self) -> bool:
+        """Whether this rank's part of the write (and rank 0's checksums) is finished."""
+        return self._thread is None or not self._thread.is_alive()
 
     def wait(self) -> Path:
         if self.done:
             return self.target
-        if self.future is not None:
-            self.future.result()
+        if self._thread is not None:
+            self._thread.join()
+            if self._error is not None:
+                raise self._error
         ckpt_root = self.target.parent
         if _rank() == 0:
-            write_text_durable(self.tmp / STATE_FILE, self.text)
+            _write_or_explain(self.tmp, lambda: write_text_durable(self.tmp / STATE_FILE,
+                                                                   json.dumps(self.record, indent=1)), 0)
             fsync_tree(self.tmp)
             if os.environ.get(KILL_DURING_SAVE_ENV) == str(self.step):
                 os.kill(os.getpid(), signal.SIGKILL)
+            if os.environ.get(SIGINT_DURING_SAVE_ENV) == str(self.step):
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
             publish_dir(self.tmp, self.target)
             remove_stale_tmp(ckpt_root)
             for old in list_checkpoints(ckpt_root)[:-self.keep_last]:
@@ -286,6 +382,24 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
         if m and entry.is_dir() and _is_complete(entry):
             found.append((int(m.group(1)), entry))
     return [p for _, p in sorted(found)]
+
+
+def latest_valid_checkpoint(ckpt_root: Path, log=print) -> Path | None:
+    """The newest checkpoint that is complete and matches its recorded checksums; each newer one it
+    passes over is named with the reason, in one line."""
+    ckpt_root = Path(ckpt_root)
+    if not ckpt_root.is_dir():
+        return None
+    steps = sorted(((int(m.group(1)), e) for e in ckpt_root.iterdir()
+                    if (m := _STEP_DIR.match(e.name)) and e.is_dir()), reverse=True)
+    for _, path in steps:
+        try:
+            read_train_record(path)
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as e:
+            log(f"warning: skipping checkpoint {path.name}: {str(e).removeprefix(str(path) + ': ')}")
+    return None
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:

@@ -221,6 +221,9 @@ def _show(v) -> str:
 
 def check_consistency(cfg: RunConfig) -> None:
     """Cross-field rules that no single field can state."""
+    for i, prompt in enumerate(cfg.sample.prompts):
+        if not prompt.strip():
+            raise ConfigError(f"sample.prompts[{i}]: expected non-empty text, got {prompt!r}")
     m = cfg.model
     if m.n_kv_heads is not None and m.n_heads % m.n_kv_heads:
         raise ConfigError(f"model.n_kv_heads: expected a divisor of n_heads={m.n_heads}, got {m.n_kv_heads}")

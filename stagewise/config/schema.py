@@ -401,7 +401,7 @@ class StageConfig:
 class RunConfig:
     name: str = opt("run", "Run name; the run directory is out_dir/name.")
     out_dir: str = opt("runs", "Parent directory of run directories.")
-    seed: int = opt(1337, "Seed for model init, data order and sampling.", ge=0)
+    seed: int = opt(1337, "Seed for model init, data order and sampling.", ge=0, le=2**32 - 1)
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N; under torchrun, auto and "
                       "cuda mean cuda:LOCAL_RANK.")
     threads: int = opt(0, "torch intra-op threads; 0 keeps torch's default. Bitwise resume needs the same count.", ge=0)

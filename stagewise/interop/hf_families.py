@@ -215,7 +215,18 @@ def _window(hf: dict, family: Family) -> tuple[int | None, int]:
 
 def from_hf_config(hf: dict, base: ModelConfig | None = None) -> ModelConfig:
     """A ModelConfig describing the HF config.json dict `hf`; unsupported features are refused."""
+    if not isinstance(hf, dict):
+        raise ConfigError(f"HF config.json: expected a JSON object, got a {type(hf).__name__}")
     fam = family_of(hf)
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+        value = hf.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"HF config {key}: expected a positive integer, got {value!r}"
+                              + (" (missing)" if key not in hf else ""))
+    for key in ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+        value = hf.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ConfigError(f"HF config {key}: expected a positive integer or null, got {value!r}")
     label = fam.label
     gemma = fam.model_type == "gemma3_text"
     act = hf.get("hidden_activation") or hf.get("hidden_act")

@@ -35,6 +35,7 @@ from stagewise.errors import ConfigError
 from stagewise.interop.hf_families import FAMILIES, family_of, infer_family, to_hf_config, to_hf_state_dict
 from stagewise.interop.hf_read import INDEX, TOKENIZER, WEIGHTS, load_hf
 from stagewise.rundir import load_model, original_hf_config, resolve_model_source
+from stagewise.rundir import check_new_dir
 
 # Copied unchanged in both directions: AutoTokenizer and generate() read them.
 SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "tokenizer.model",
@@ -43,9 +44,7 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' own default shard size
 
 
 def _fresh_out(out: Path) -> Path:
-    out = Path(out)
-    if out.exists():
-        raise ConfigError(f"{out}: already exists; choose a new output directory")
+    out = check_new_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f"{TMP_PREFIX}{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -60,9 +59,7 @@ def _publish(tmp: Path, out: Path) -> None:
 
 def import_hf(src: str | Path, out: str | Path, gguf_file: str | None = None, log=print) -> Path:
     """Convert an HF model (directory, hub id or GGUF file) into a stagewise export directory at `out`."""
-    out = Path(out)
-    if out.exists():
-        raise ConfigError(f"{out}: already exists; choose a new output directory")
+    out = check_new_dir(out)
     with tempfile.TemporaryDirectory(prefix="stagewise-gguf-tok-") as tok_tmp:
         mcfg, sd, hf, files_dir, tok = load_hf(src, gguf_file, Path(tok_tmp))
         tmp = _fresh_out(out)
@@ -146,9 +143,7 @@ def export_hf(ckpt: str | Path, out: str | Path, family: str | None = None,
               log=print) -> Path:
     """Write `ckpt` (run, checkpoint or export dir) as an HF directory of `family` at `out`; a model
     with adapters only with merge (the adapters merged into the base)."""
-    out = Path(out)
-    if out.exists():
-        raise ConfigError(f"{out}: already exists; choose a new output directory")
+    out = check_new_dir(out)
     if family is not None and family not in FAMILIES:
         raise ConfigError(f"--arch: expected one of {', '.join(FAMILIES)}, got {family!r}")
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)

@@ -50,11 +50,14 @@ def resolve_hf_source(src: str) -> Path:
 def read_json(path: Path, what: str) -> dict:
     """A JSON file of a model directory; a missing or malformed one is a one-line CheckpointError."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path.parent}: no {path.name} ({what})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object ({what}), got a {type(data).__name__}")
+    return data
 
 
 def _read_shard(file: Path, names: set[str] | None, out: dict) -> None:

@@ -44,6 +44,7 @@ class _StopRequest:
     def __init__(self):
         self.signum = None
         self._old = {}
+        self._saving = False
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -51,9 +52,18 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if self.signum is not None:  # a second Ctrl-C means "now"
+        if self.signum is not None and not self._saving:  # a second Ctrl-C means "now" (not mid-save)
             raise KeyboardInterrupt
-        self.signum = signum
+        self.signum = self.signum or signum
+
+    @contextlib.contextmanager
+    def saving(self):
+        """A checkpoint write: signals wait until it is published, then stop the run as usual."""
+        self._saving = True
+        try:
+            yield
+        finally:
+            self._saving = False
 
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
@@ -157,19 +167,20 @@ def _loop(stage: Stage, trainee: setup.Trainee, state: TrainState, steplog: Step
     pending = []  # an async save being written (checkpoint.async_save), published once every rank is done
 
     def publish(wait: bool) -> None:
-        if pending and (wait or WORLD.all(pending[0].future.done())):
+        if pending and (wait or WORLD.all(pending[0].written())):
             pending.pop().wait()
 
     def save(at_step: int, final: bool = False) -> Path:
         steplog.flush()  # skipped_steps must count the pending step
-        publish(wait=True)  # one save in flight at a time
-        background = cfg.checkpoint.async_save and not final
-        started = begin_checkpoint(stage.run_dir / rundir.CHECKPOINTS, at_step, trainee.model, trainee.optimizer,
-                                   state.state_dict(), cfg.checkpoint.keep_last,
-                                   trainable_only=trainee.adapter is not None, background=background,
-                                   process_group=WORLD.checkpoint_group)
-        if not background:
-            return started.wait()
+        with stop.saving():
+            publish(wait=True)  # one save in flight at a time
+            background = cfg.checkpoint.async_save and not final
+            started = begin_checkpoint(stage.run_dir / rundir.CHECKPOINTS, at_step, trainee.model, trainee.optimizer,
+                                       state.state_dict(), cfg.checkpoint.keep_last,
+                                       trainable_only=trainee.adapter is not None, background=background,
+                                       process_group=WORLD.checkpoint_group)
+            if not background:
+                return started.wait()
         pending.append(started)
         return started.target
 
@@ -223,7 +234,14 @@ def _loop(stage: Stage, trainee: setup.Trainee, state: TrainState, steplog: Step
             if step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
         steplog.flush()
-        publish(wait=True)
+        with stop.saving():
+            publish(wait=True)
+        if stop.signum:  # arrived after the last step's check: the final checkpoint is written; stop here
+            steplog.progress.close()
+            steplog.metrics.close()
+            log(f"received {signal.Signals(stop.signum).name} after the stage's last step; its checkpoint is complete; "
+                f"continue with: stagewise resume {stage.run_dir}")
+            raise SystemExit(128 + stop.signum)
 
 
 def _maybe_switch_precision(stage: Stage, trainee, state: TrainState, step: int, device, progress) -> None:

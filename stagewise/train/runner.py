@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -19,7 +20,7 @@ import torch
 
 from stagewise import rundir
 from stagewise.checkpoint import export_config, export_safetensors, latest_checkpoint
-from stagewise.checkpoint.store import read_train_record
+from stagewise.checkpoint.store import latest_valid_checkpoint, read_train_record
 from stagewise.config.loader import dump_yaml, from_dict, read_yaml
 from stagewise.config.schema import ModelConfig, RunConfig
 from stagewise.data import Tokenizer, open_dataset, resolve_dataset
@@ -36,6 +37,8 @@ def pick_device(name: str) -> torch.device:
     """auto: CUDA if present, else the CPU. Under torchrun (LOCAL_RANK set) auto and cuda mean this
     process's GPU, cuda:LOCAL_RANK, made the current device so that kernels and allocations without
     an explicit index land there too."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
@@ -83,6 +86,8 @@ def start(cfg: RunConfig, log=print) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     world, log = join_world(cfg, device, log)
+    rundir.check_dir_or_absent(cfg.out_dir, "out_dir")
+    rundir.check_dir_or_absent(cfg.data.cache_dir, "data.cache_dir")
     where = "stages[0].init_from" if cfg.stages else "init_from"
     init = rundir.load_init_source(_first_init_from(cfg)) if _first_init_from(cfg) else None
     if init and cfg.data.seq_len > init[0].max_seq_len:
@@ -107,7 +112,12 @@ def start(cfg: RunConfig, log=print) -> Path:
     world.barrier()
     world.run_dir = str(run_dir)
     log(f"run directory: {run_dir}")
-    _drive(run, mcfg, device, None, log)
+    lock = rundir.RunLock(run_dir) if world.main else None
+    try:
+        _drive(run, mcfg, device, None, log)
+    finally:
+        if lock is not None:
+            lock.release()
     return run_dir
 
 
@@ -131,7 +141,8 @@ def _write_run_dir(cfg: RunConfig, mcfg: ModelConfig, tokenizer, init, paths, de
     rundir.write_json(run_dir / rundir.RUN_INFO, {
         "dataset": str(next(iter(paths.values()))) if paths else None, "domains": {n: str(p) for n, p in paths.items()},
         "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "python": sys.version.split()[0], "world_size": WORLD.size, "strategy": WORLD.strategy})
+        "python": sys.version.split()[0], "world_size": WORLD.size, "strategy": WORLD.strategy,
+        "config": json.loads(json.dumps(dataclasses.asdict(cfg)))})  # what resume compares config.yaml against
     return run_dir
 
 
@@ -184,14 +195,51 @@ def load_run(run_dir: Path, log) -> tuple[RunConfig, ModelConfig, dict, torch.de
     if not (run_dir / rundir.CONFIG).is_file():
         raise CheckpointError(f"{run_dir}: not a stagewise run directory (no {rundir.CONFIG})")
     cfg = from_dict(RunConfig, read_yaml(run_dir / rundir.CONFIG))
-    mcfg = from_dict(ModelConfig, json.loads((run_dir / rundir.MODEL_CONFIG).read_text()), "model")
-    info = json.loads((run_dir / rundir.RUN_INFO).read_text())
+    mcfg = rundir.load_model_config(run_dir)
+    try:
+        info = json.loads((run_dir / rundir.RUN_INFO).read_text())
+    except (OSError, ValueError):
+        raise CheckpointError(f"{run_dir}: {rundir.RUN_INFO} is missing or unreadable; it records the data the run "
+                              "trains on, so the run cannot be resumed without it") from None
+    check_config_edits(cfg, info.get("config"), run_dir, log)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if info.get("threads") != torch.get_num_threads():
         log(f"warning: this run used {info.get('threads')} threads, now {torch.get_num_threads()}; "
             "results stay correct but are not bitwise identical to an uninterrupted run")
     return cfg, mcfg, info, pick_device(cfg.device)
+
+
+# Recipe fields a resume may take from an edited config.yaml: they change when and what is logged,
+# evaluated, saved or sampled, or how long the run goes on, never what a step computes.
+SAFE_EDITS = ("train.steps", "eval.", "checkpoint.every", "checkpoint.keep_last", "checkpoint.async_save", "log.",
+              "sample.", "memory.", "threads")
+
+
+def _flat(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def check_config_edits(cfg: RunConfig, started: dict | None, run_dir: Path, log) -> None:
+    """config.yaml edited since the run started: fields in SAFE_EDITS are taken (and named); any other
+    change would make the resumed run differ from the one its checkpoints belong to: one line naming it."""
+    if started is None:  # a run directory from before run_info.json kept the config
+        return
+    now, then = _flat(json.loads(json.dumps(dataclasses.asdict(cfg)))), _flat(started)
+    changed = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
+    unsafe = [k for k in changed if not k.startswith(SAFE_EDITS)]
+    if unsafe:
+        k = unsafe[0]
+        raise ConfigError(f"{run_dir / rundir.CONFIG}: {k} was changed ({then.get(k)!r} -> {now.get(k)!r}) after the "
+                          f"run started; a resume must compute what the run computed. Undo it, or start a new run "
+                          f"(init_from the checkpoint); fields a resume may change: {', '.join(SAFE_EDITS)}")
+    for k in changed:
+        log(f"config.yaml: {k} changed since the run started ({then.get(k)!r} -> {now.get(k)!r}); resuming with it")
 
 
 def check_memory(stage, mcfg: ModelConfig, device) -> None:
@@ -206,6 +254,16 @@ def check_memory(stage, mcfg: ModelConfig, device) -> None:
 
 def resume(run_dir: str | Path, log=print) -> Path:
     run_dir = Path(run_dir)
+    # Locked before anything is read or rewritten (a resume truncates metrics.jsonl to its checkpoint).
+    lock = rundir.RunLock(run_dir) if (run_dir / rundir.CONFIG).is_file() and _rank0() else None
+    try:
+        return _resume(run_dir, log)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _resume(run_dir: Path, log) -> Path:
     cfg, mcfg, info, device = load_run(run_dir, log if launched_world_size() == 1 or _rank0() else _quiet)
     world, log = join_world(cfg, device, log)
     world.run_dir = str(run_dir)
@@ -213,7 +271,7 @@ def resume(run_dir: str | Path, log=print) -> Path:
     domains = info["domains"] if "domains" in info else {"": info["dataset"]}
     datasets = {n: open_dataset(Path(p), expect_tokenizer_sha=tokenizer.sha256) for n, p in domains.items()}
     run = RunData(cfg, tokenizer, run_dir, datasets, staged=bool(cfg.stages))
-    ckpt = latest_checkpoint(run_dir / rundir.CHECKPOINTS)
+    ckpt = latest_valid_checkpoint(run_dir / rundir.CHECKPOINTS, log)
     index = _position(cfg, ckpt)[0]
     where = f" in stage {index} ({cfg.stages[index].name})" if cfg.stages and index < len(cfg.stages) else ""
     log(f"resuming {run_dir}{where} from {ckpt.name if ckpt else 'the start (no checkpoint was written)'}")
@@ -236,7 +294,18 @@ def _drive(run: RunData, mcfg: ModelConfig, device, ckpt, log) -> None:
     cfg, run_dir = run.cfg, run.run_dir
     index, start, record = _position(cfg, ckpt)
     if index >= plan.n_stages(cfg):
-        log(f"run already complete at step {record['step']} (all {plan.n_stages(cfg)} stage(s))")
+        owed = _owed(run)
+        if not owed:
+            log(f"run already complete at step {record['step']} (all {plan.n_stages(cfg)} stage(s))")
+            return
+        # stopped after its final checkpoint, before what follows it: finish that from the checkpoint
+        log(f"training complete at step {record['step']}; writing what the run still owes: {', '.join(owed)}")
+        model = rundir.load_model(ckpt, device)[0]
+        if run.staged and not (run_dir / plan.STAGES_DIR / cfg.stages[-1].name).is_dir():
+            _end_stage(run, mcfg, model, len(cfg.stages) - 1)
+        elif run.staged:
+            plan.write_forgetting(cfg, run_dir, len(cfg.stages), plan.forgetting_domains(cfg))
+        _finish(cfg, mcfg, run_dir, model, run.tokenizer, device, log)
         return
     if run.staged and index > 0 and not (run_dir / plan.STAGES_DIR / cfg.stages[index - 1].name).is_dir():
         # killed right after the previous stage's final checkpoint, before its export
@@ -281,6 +350,26 @@ def unsharded(model, mcfg: ModelConfig):
     plain = Transformer(mcfg)
     plain.load_state_dict(state)
     return plain.to(device)
+
+
+def _owed(run: RunData) -> list[str]:
+    """What a run whose training is complete has not yet written: the last stage's export and its
+    forgetting row (staged recipes), the final export."""
+    owed = []
+    if run.staged and not (run.run_dir / plan.STAGES_DIR / run.cfg.stages[-1].name).is_dir():
+        owed.append(f"{plan.STAGES_DIR}/{run.cfg.stages[-1].name}")
+    elif run.staged and len(_forgetting_stages(run.run_dir)) < len(run.cfg.stages):
+        owed.append(f"{plan.FORGETTING}'s last row")
+    if not (run.run_dir / rundir.FINAL / "model.safetensors").is_file():
+        owed.append(rundir.FINAL)
+    return owed
+
+
+def _forgetting_stages(run_dir: Path) -> list:
+    try:
+        return json.loads((run_dir / plan.FORGETTING).read_text()).get("stages", [])
+    except (OSError, ValueError, AttributeError):
+        return []
 
 
 def _end_stage(run: RunData, mcfg: ModelConfig, model, index: int) -> None:
