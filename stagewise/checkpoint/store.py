@@ -23,8 +23,6 @@ filesystem all ranks share.
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import os
 import re
@@ -47,6 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from stagewise.checkpoint._atomic import TMP_PREFIX, fsync_tree, publish_dir, remove_stale_tmp, write_text_durable
 from stagewise.checkpoint._json import decode, encode, first_unjsonable
+from stagewise.checkpoint.integrity import file_checksums, verify_files, write_or_explain
 from stagewise.checkpoint.safe_dcp import (
     SafeFileSystemReader,
     TensorOnlyLoadPlanner,
@@ -234,8 +233,8 @@ def begin_checkpoint(
     needed = sum(t.numel() * t.element_size() for t in tensors.values())  # global shapes: the whole checkpoint
     with quiet_single_process():
         if not background:
-            _write_or_explain(tmp, lambda: dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp),
-                                                    no_dist=not _dist_on()), needed)
+            write_or_explain(tmp, lambda: dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp),
+                                                   no_dist=not _dist_on()), needed, _rank() == 0)
             pending.finish_write()
         else:
             # async_save stages a CPU copy of every tensor before it returns (FileSystemWriter is its stager),
@@ -244,65 +243,6 @@ def begin_checkpoint(
                                     process_group=process_group, no_dist=not _dist_on())
             pending.start_thread(future, needed)
     return pending
-
-
-def _write_or_explain(tmp: Path, write, needed: int) -> None:
-    """Run `write`; a write that fails on a full disk (ENOSPC anywhere in the cause chain, or less free
-    space left than the checkpoint needs: torch's writer reports only "file write failed") becomes one
-    line, with the partial directory removed and the previous checkpoints untouched."""
-    try:
-        write()
-    except Exception as e:
-        chain, cause = [], e
-        while cause is not None and len(chain) < 10:
-            chain.append(cause)
-            cause = cause.__cause__ or cause.__context__
-        full = any(isinstance(c, OSError) and c.errno == errno.ENOSPC for c in chain)
-        try:
-            full = full or shutil.disk_usage(tmp.parent).free < needed
-        except OSError:
-            pass
-        if not full:
-            raise
-        if _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"no space left on {tmp.parent}: the checkpoint needs ~{needed / 2**20:,.0f} MiB; the "
-                              "previous checkpoints are intact; free space and resume") from None
-
-
-def file_checksums(path: Path) -> dict[str, dict]:
-    """name -> {bytes, sha256} of every file a checkpoint directory holds (train_state.json aside)."""
-    out = {}
-    for entry in sorted(os.scandir(path), key=lambda e: e.name):
-        if entry.is_file() and entry.name != STATE_FILE:
-            h = hashlib.sha256()
-            with open(entry.path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    h.update(block)
-            out[entry.name] = {"bytes": entry.stat().st_size, "sha256": h.hexdigest()}
-    return out
-
-
-def verify_checkpoint(path: Path) -> None:
-    """One CheckpointError naming the first file that is missing, cut short or changed since it was saved
-    (checkpoints record each file's size and sha256; older ones without the record are only read)."""
-    path = Path(path)
-    files = read_train_record(path).get("files")
-    if not isinstance(files, dict):
-        return
-    for name, want in files.items():
-        f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"{path}: {name} is missing; the checkpoint is incomplete")
-        size = f.stat().st_size
-        if size != want.get("bytes"):
-            raise CheckpointError(f"{path}: {name} has {size} bytes, {want.get('bytes')} were saved; the file is "
-                                  "truncated or damaged")
-    found = file_checksums(path)
-    for name, want in files.items():
-        if found[name]["sha256"] != want.get("sha256"):
-            raise CheckpointError(f"{path}: {name} does not match the checksum recorded when it was saved; "
-                                  "the file is damaged")
 
 
 class PendingCheckpoint:
@@ -317,14 +257,14 @@ class PendingCheckpoint:
     def finish_write(self) -> None:
         """After the tensors are on disk: rank 0 records the files' checksums."""
         if _rank() == 0:
-            self.record["files"] = file_checksums(self.tmp)
+            self.record["files"] = file_checksums(self.tmp, skip=STATE_FILE)
 
     def start_thread(self, future, needed: int) -> None:
         import threading
 
         def run():
             try:
-                _write_or_explain(self.tmp, future.result, needed)
+                write_or_explain(self.tmp, future.result, needed, _rank() == 0)
                 self.finish_write()
             except BaseException as e:  # raised again by wait(), on the loop's thread
                 self._error = e
@@ -345,8 +285,8 @@ class PendingCheckpoint:
                 raise self._error
         ckpt_root = self.target.parent
         if _rank() == 0:
-            _write_or_explain(self.tmp, lambda: write_text_durable(self.tmp / STATE_FILE,
-                                                                   json.dumps(self.record, indent=1)), 0)
+            write_or_explain(self.tmp, lambda: write_text_durable(self.tmp / STATE_FILE,
+                                                                  json.dumps(self.record, indent=1)), 0, True)
             fsync_tree(self.tmp)
             if os.environ.get(KILL_DURING_SAVE_ENV) == str(self.step):
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -394,8 +334,7 @@ def latest_valid_checkpoint(ckpt_root: Path, log=print) -> Path | None:
                     if (m := _STEP_DIR.match(e.name)) and e.is_dir()), reverse=True)
     for _, path in steps:
         try:
-            read_train_record(path)
-            verify_checkpoint(path)
+            verify_files(path, read_train_record(path).get("files"))
             return path
         except CheckpointError as e:
             log(f"warning: skipping checkpoint {path.name}: {str(e).removeprefix(str(path) + ': ')}")

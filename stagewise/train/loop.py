@@ -191,12 +191,7 @@ def _loop(stage: Stage, trainee: setup.Trainee, state: TrainState, steplog: Step
                 save(counters.step)  # the trigger is now in a checkpoint: a resume cools down at the same step
                 stage.consume_cooldown_file()
             t0 = time.perf_counter()
-            # Global micro-batches (the same on every rank), counted before each rank keeps its rows:
-            # the normaliser and the token count are the global ones without a collective.
-            micro = [stage.source.next() for _ in range(cfg.train.grad_accum)]
-            normaliser = sum(stage.objective.count(b) for b in micro)  # on the CPU: the step need not wait
-            step_tokens = sum(b.inputs.numel() for b in micro)  # padding included; padded SFT rows vary
-            micro = [WORLD.shard_batch(b).to(device) for b in micro]
+            micro, normaliser, step_tokens = _step_batches(stage, device)
             _maybe_switch_precision(stage, trainee, state, counters.step, device, steplog.progress)
             lr = stage.lr(counters.step)
             probe = memory.probe(trainee, counters.step)
@@ -226,22 +221,33 @@ def _loop(stage: Stage, trainee: setup.Trainee, state: TrainState, steplog: Step
             if checkpoint_now or stop.signum:
                 path = save(step, final=step == stage.end() or bool(stop.signum))
                 if stop.signum:
-                    steplog.progress.close()
-                    steplog.metrics.close()
-                    log(f"received {signal.Signals(stop.signum).name}: saved {path}; "
-                        f"continue with: stagewise resume {stage.run_dir}")
-                    raise SystemExit(128 + stop.signum)
+                    _exit_on(stop.signum, steplog, log, f"saved {path}", stage.run_dir)
             if step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
         steplog.flush()
         with stop.saving():
             publish(wait=True)
         if stop.signum:  # arrived after the last step's check: the final checkpoint is written; stop here
-            steplog.progress.close()
-            steplog.metrics.close()
-            log(f"received {signal.Signals(stop.signum).name} after the stage's last step; its checkpoint is complete; "
-                f"continue with: stagewise resume {stage.run_dir}")
-            raise SystemExit(128 + stop.signum)
+            _exit_on(stop.signum, steplog, log, "after the stage's last step; its checkpoint is complete",
+                     stage.run_dir)
+
+
+def _step_batches(stage: Stage, device) -> tuple[list, int, int]:
+    """(this rank's micro-batches on `device`, the step's normaliser, its tokens). The micro-batches are
+    drawn global (the same on every rank) and counted before each rank keeps its rows, so the
+    normaliser and token count are the global ones without a collective, counted on the CPU."""
+    micro = [stage.source.next() for _ in range(stage.cfg.train.grad_accum)]
+    normaliser = sum(stage.objective.count(b) for b in micro)
+    step_tokens = sum(b.inputs.numel() for b in micro)  # padding included; padded SFT rows vary
+    return [WORLD.shard_batch(b).to(device) for b in micro], normaliser, step_tokens
+
+
+def _exit_on(signum: int, steplog: StepLog, log, what: str, run_dir) -> None:
+    """End the run for a stop request: logs closed, one line, exit status 128 + the signal."""
+    steplog.progress.close()
+    steplog.metrics.close()
+    log(f"received {signal.Signals(signum).name}: {what}; continue with: stagewise resume {run_dir}")
+    raise SystemExit(128 + signum)
 
 
 def _maybe_switch_precision(stage: Stage, trainee, state: TrainState, step: int, device, progress) -> None:
