@@ -98,7 +98,8 @@ def print_peak(cfg, measure: bool) -> None:
 _ROWS = [("weights", "parameters and buffers"), ("gradients", "one per trainable parameter"),
          ("optimizer", None), ("activations", "kept for the backward, with the loss's stored head gradient"),
          ("loss_peak", "the fused loss's working set: stored gradients and chunk buffers"),
-         ("reference", "a frozen reference copy, held through training")]
+         ("reference", "a frozen reference copy, held through training"),
+         ("snapshot", "spikes.action rollback: a copy of the trainable weights and optimizer state in host memory")]
 
 
 def _optimizer_note(cfg, d_model: int = 0) -> str:
@@ -143,6 +144,7 @@ def print_memory(cfg, mem: dict, stage_cfg=None, label: str = "", d_model: int =
         print("  on CUDA, peak_mem_bytes is the allocator's peak: it holds the tensors alone, so the process's "
               "own memory is not added")
     else:
+        need += mem.get("snapshot", 0)
         overhead = process_overhead()
         if overhead is None:
             print("  overhead    unknown (needs /proc/self/status, Linux): total is the tensors alone")

@@ -218,3 +218,21 @@ def test_parallel_settings_checked_against_the_world(job, overrides, world, mess
         return
     with pytest.raises(ConfigError, match=message):
         check_parallel(cfg, world)
+
+
+def test_fsdp2_rolls_back_a_spike_as_one_process_does(job):
+    """Each rank snapshots its own shards; the spike is judged on the all-reduced loss, so every rank rolls
+    back at the same step, and the run matches one process doing the same."""
+    root, recipe = job
+    spike = ["--spikes.action=rollback", "--spikes.snapshot_every=3", "--spikes.min_history=4"]
+    env = {"STAGEWISE_TEST_INJECT_LOSS": "8:1000"}
+    run_cli("run", recipe, "--name=single-spike", *spike, env=env)
+    torchrun("run", recipe, "--name=fsdp2-spike", "--parallel.strategy=fsdp2", *spike, env=env)
+    one, two = (read_metrics(root / "runs" / n / "metrics.jsonl") for n in ("single-spike", "fsdp2-spike"))
+    assert_close([r["loss"] for r in two], [r["loss"] for r in one])
+    assert [r["rollback"][0]["to_step"] for r in two if "rollback" in r] == [6]
+    def events(records):
+        return [(r["step"], e["from_step"], e["to_step"], e["skipped_batches"], e["loss"])
+                for r in records for e in r.get("rollback", [])]
+    (a, b), = zip(events(one), events(two))
+    assert a[:4] == b[:4] == (7, 8, 6, 2) and abs(a[4] - b[4]) < 1000 * TOL

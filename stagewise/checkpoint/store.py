@@ -412,6 +412,50 @@ def _check_optimizer(path: Path, record: dict | None, optimizer: torch.optim.Opt
         raise CheckpointError(f"{path} has optimizer param groups of sizes {saved} but the optimizer has {sizes}")
 
 
+class LoadTargets:
+    """What loading fills in place: the model's tensors and, with optimizer state, freshly allocated
+    optimizer state tensors and where each belongs (fqn, state name)."""
+
+    def __init__(self, target, optim_target, origin, fresh_groups):
+        self.target, self.optim_target, self.origin, self.fresh_groups = target, optim_target, origin, fresh_groups
+
+
+def load_targets(model: nn.Module, optimizer, trainable_only: bool, has_optim: bool):
+    """(flat tensors to load into, LoadTargets) for `model` and `optimizer` (None: weights only)."""
+    target = _model_tensors(model, trainable_only)
+    optim_target, origin, fresh_groups = {}, {}, None
+    if optimizer is not None and has_optim:
+        fresh = get_optimizer_state_dict(model, optimizer)  # allocates the state tensors to load into
+        optim_target, origin, _ = _split_optimizer_state(fresh["state"])
+        fresh_groups = fresh["param_groups"]
+    return {**target, **optim_target}, LoadTargets(target, optim_target, origin, fresh_groups)
+
+
+def apply_loaded(model: nn.Module, optimizer, loaded: LoadTargets, optim_record: dict | None,
+                 trainable_only: bool) -> None:
+    """Set the model (and optimizer: state, then the recorded hyperparameters) from filled targets."""
+    model_state = {k.removeprefix(MODEL_PREFIX): v for k, v in loaded.target.items() if k.startswith(MODEL_PREFIX)}
+    set_model_state_dict(model, model_state, options=StateDictOptions(strict=not trainable_only))
+    if optimizer is None:
+        return
+    if loaded.fresh_groups is None:
+        optimizer.state.clear()  # saved before the first step: no state
+    else:
+        state = {fqn: {k: decode(v) for k, v in d.items()} for fqn, d in optim_record["state_extra"].items()}
+        for key, tensor in loaded.optim_target.items():
+            fqn, name = loaded.origin[key]
+            state.setdefault(fqn, {})[name] = tensor
+        set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": loaded.fresh_groups})
+    # Hyperparameters come from the checkpoint, not from how the optimizer was just built.
+    for group, saved in zip(optimizer.param_groups, optim_record["param_groups"]):
+        for k, v in saved["hyperparameters"].items():
+            v = decode(v)
+            current = group.get(k)
+            if isinstance(current, torch.Tensor) and isinstance(v, torch.Tensor):
+                v = v.to(device=current.device, dtype=current.dtype)  # e.g. a capturable lr on the GPU
+            group[k] = v
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
     """Restore `model` (and `optimizer`) in place from a checkpoint directory; return its train_state.
 
@@ -427,43 +471,16 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         )
 
     trainable_only = bool(record.get("trainable_only"))
-    target = _model_tensors(model, trainable_only)
-    _check_against(path, target, found, MODEL_PREFIX, "model")
-    optim_record = record["optimizer"]
-    optim_target: dict[str, torch.Tensor] = {}
-    origin: dict[str, tuple[str, str]] = {}
-    fresh_groups = None
+    has_optim = any(k.startswith(OPTIM_PREFIX) for k in found)
     if optimizer is not None:
-        _check_optimizer(path, optim_record, optimizer)
-        if any(k.startswith(OPTIM_PREFIX) for k in found):
-            fresh = get_optimizer_state_dict(model, optimizer)  # allocates the state tensors to load into
-            optim_target, origin, _ = _split_optimizer_state(fresh["state"])
-            fresh_groups = fresh["param_groups"]
-        _check_against(path, optim_target, found, OPTIM_PREFIX, "optimizer")
-        target.update(optim_target)
+        _check_optimizer(path, record["optimizer"], optimizer)
+    target, loaded = load_targets(model, optimizer, trainable_only, has_optim)
+    for prefix, what in ((MODEL_PREFIX, "model"), (OPTIM_PREFIX, "optimizer")):
+        if what == "model" or optimizer is not None:
+            _check_against(path, {k: v for k, v in target.items() if k.startswith(prefix)}, found, prefix, what)
 
     reader, planner = SafeFileSystemReader(path), TensorOnlyLoadPlanner()
     with quiet_single_process():
         dcp.load(target, storage_reader=reader, planner=planner, no_dist=not _dist_on())
-
-    model_state = {k.removeprefix(MODEL_PREFIX): v for k, v in target.items() if k.startswith(MODEL_PREFIX)}
-    set_model_state_dict(model, model_state, options=StateDictOptions(strict=not trainable_only))
-    if optimizer is not None:
-        if fresh_groups is None:
-            optimizer.state.clear()  # saved before the first step: no state
-        else:
-            state = {fqn: {k: decode(v) for k, v in d.items()} for fqn, d in optim_record["state_extra"].items()}
-            for key, tensor in optim_target.items():
-                fqn, name = origin[key]
-                state.setdefault(fqn, {})[name] = tensor
-            set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": fresh_groups})
-        # Hyperparameters come from the checkpoint, not from how the optimizer was just built.
-        for group, saved in zip(optimizer.param_groups, optim_record["param_groups"]):
-            for k, v in saved["hyperparameters"].items():
-                v = decode(v)
-                current = group.get(k)
-                if isinstance(current, torch.Tensor) and isinstance(v, torch.Tensor):
-                    v = v.to(device=current.device, dtype=current.dtype)  # e.g. a capturable lr on the GPU
-                group[k] = v
-
+    apply_loaded(model, optimizer, loaded, record["optimizer"], trainable_only)
     return {**record["train_state"], "step": record["step"]}

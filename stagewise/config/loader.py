@@ -230,6 +230,9 @@ def check_consistency(cfg: RunConfig) -> None:
     if m.head_dim is None and m.d_model % m.n_heads:
         raise ConfigError(f"model.n_heads: expected a divisor of d_model={m.d_model} (or set model.head_dim), "
                           f"got {m.n_heads}")
+    if cfg.spikes.min_history > cfg.spikes.window:
+        raise ConfigError(f"spikes.min_history: expected <= spikes.window={cfg.spikes.window}, "
+                          f"got {cfg.spikes.min_history}")
     head_dim = m.head_dim or m.d_model // m.n_heads
     if head_dim % 2:
         raise ConfigError(f"model.head_dim: expected an even number (RoPE rotates pairs), got {head_dim}")

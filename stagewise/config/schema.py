@@ -283,6 +283,29 @@ class CheckpointConfig:
 
 
 @dataclass
+class SpikeConfig:
+    action: str = opt("none", "Loss-spike guard (docs/guide.md, Loss spikes): rollback keeps an in-memory copy of the "
+                      "train state (CPU memory: weights + optimizer state again) and, when a step's loss spikes or "
+                      "steps are non-finite several times in a row, restores it and skips the batches drawn since, "
+                      "recorded in metrics.jsonl and the train state so a resume replays it; none disables.",
+                      choices=["none", "rollback"])
+    snapshot_every: int = opt(50, "Take the snapshot every N steps (also at every checkpoint, at the stage's start or "
+                              "resume, and after a precision switch); a rollback returns to the newest.", gt=0)
+    window: int = opt(50, "Steps of recent training loss the spike threshold is computed over.", ge=5)
+    threshold: float = opt(6.0, "A spike is a loss above median + threshold x 1.4826 x MAD of the window (a robust "
+                           "z-score over the window's median absolute deviation) that also exceeds min_rise.", gt=0)
+    min_rise: float = opt(0.1, "A spike must also be at least this fraction above the window's median (so that a "
+                          "flat curve's tiny MAD does not flag noise).", ge=0)
+    min_history: int = opt(10, "Steps of loss the window needs before spikes are judged (after a start, resume or "
+                           "rollback the window is what it was at the snapshot).", ge=2)
+    nonfinite_steps: int = opt(3, "Roll back after this many consecutive steps with a non-finite loss or (without "
+                               "loss scaling) a non-finite gradient; each such step's update is skipped anyway.",
+                               gt=0)
+    max_rollbacks: int = opt(5, "Stop the run (one line, exit non-zero, checkpoints intact) after this many rollbacks "
+                             "in one stage: the data or the settings, not one batch, are the problem.", gt=0)
+
+
+@dataclass
 class ParallelConfig:
     strategy: str = opt("auto", "How several processes started by torchrun train (docs/distributed.md): ddp (each "
                         "rank holds the model, gradients averaged), fsdp2 (parameters, gradients and AdamW states "
@@ -421,6 +444,7 @@ class RunConfig:
     precision: PrecisionConfig = opt(PrecisionConfig, "Numeric precision.")
     eval: EvalConfig = opt(EvalConfig, "Validation during training.")
     checkpoint: CheckpointConfig = opt(CheckpointConfig, "Checkpointing.")
+    spikes: SpikeConfig = opt(SpikeConfig, "Loss-spike and non-finite-step rollback from an in-memory snapshot.")
     memory: MemoryConfig = opt(MemoryConfig, "Memory plan checks and measurement (docs/memory.md).")
     parallel: ParallelConfig = opt(ParallelConfig, "Training on several processes under torchrun "
                                    "(docs/distributed.md).")

@@ -50,6 +50,7 @@ def device_memory(device: torch.device) -> tuple[int | None, str]:
 def predicted_peak(components: dict, device: torch.device) -> int:
     peak = components["peak"] + components.get("reference", 0)
     if device.type != "cuda":
+        peak += components.get("snapshot", 0)  # on a GPU the snapshot is in host memory, not the device's
         from stagewise.train.metrics import process_overhead
 
         overhead = process_overhead()

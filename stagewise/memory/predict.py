@@ -108,6 +108,13 @@ def predict(cfg, mcfg, emulated_bf16: bool = False) -> dict[str, int]:
     if cfg.train.grad_accum > 1:  # every forward after the first runs beside the accumulated gradients
         forward += out["gradients"]
     out["peak"] = out["weights"] + out["optimizer"] + max(forward, out["gradients"] + est["backward_held"])
+    if cfg.spikes.action == "rollback":  # a copy of what a checkpoint holds, in host memory (train/spikes.py)
+        weights = out["weights"]
+        if cfg.adapter.kind != "none":
+            from stagewise.adapters.sizes import adapter_sizes
+
+            weights = adapter_sizes(mcfg, cfg.adapter, cfg.precision.mode)["adapter_bytes"] + buffers
+        out["snapshot"] = weights + out["optimizer"]
     return out
 
 

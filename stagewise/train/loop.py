@@ -29,6 +29,7 @@ from stagewise.precision.schedule import stage_due, switch_precision
 from stagewise.train import setup
 from stagewise.train.metrics import MetricsLog, NullMetricsLog, mfu, peak_flops, peak_memory_bytes
 from stagewise.train.progress import Progress
+from stagewise.train.spikes import SpikeGuard
 from stagewise.train.stage import Stage
 from stagewise.train.state import Counters, RNGState, TrainState
 from stagewise.train.step import train_step
@@ -78,24 +79,36 @@ class StepLog:
     def __init__(self, stage: Stage, metrics: MetricsLog, progress: Progress, counters: Counters, fpt, peak):
         self.stage, self.metrics, self.progress, self.counters = stage, metrics, progress, counters
         self.fpt, self.peak, self.pending = fpt, peak, None
+        self.note = {}  # fields the next line carries (a rollback's record)
 
     def queue(self, record: dict, result, t0: float) -> None:
-        self.pending = (record, result, t0)
+        self.pending = [record, result, t0, None]
+
+    def host(self):
+        """The pending step's result as Python numbers (read once: waits for the step)."""
+        if self.pending[3] is None:
+            self.pending[3] = self.pending[1].host()
+        return self.pending[3]
+
+    def drop(self) -> None:
+        """Forget the pending step: a rollback undid it."""
+        self.pending = None
 
     def flush(self, t_end: float | None = None, evaluate=None) -> None:
         """Write the pending step's line; t_end None: the step's end, once .host() has waited for it.
         evaluate: () -> validation metrics for the line, run after the step's time is taken."""
         if self.pending is None:
             return
-        record, result, t0 = self.pending
+        r = self.host()
+        record, _, t0, _ = self.pending
         self.pending = None
-        r = result.host()
         self.counters.skipped_steps += not r.applied
         dt = (t_end or time.perf_counter()) - t0
         tok_s = record["step_tokens"] / dt
         record = {"step": record["step"], "tokens": record["tokens"], "loss": r.loss, "lr": record["lr"],
                   "grad_norm": r.grad_norm, "tokens_per_s": tok_s, "mfu": mfu(self.fpt, tok_s, self.peak),
-                  "peak_mem_bytes": record["mem"], "step_time_s": dt, **record["extra"], **r.metrics}
+                  "peak_mem_bytes": record["mem"], "step_time_s": dt, **record["extra"], **r.metrics, **self.note}
+        self.note = {}
         unit = getattr(self.stage.objective, "unit", None)  # what the normaliser counts, when not tokens
         if unit:
             record[f"{unit}_per_s"] = r.num_targets / dt
@@ -127,6 +140,7 @@ def fit(stage: Stage, mcfg: ModelConfig, device: torch.device, checkpoint: Path 
                        stage=_StageState(stage, counters))
     if trainee.adapter is not None:
         state.register("adapter", trainee.adapter)
+    guard = SpikeGuard(cfg.spikes, trainee, state, stage.index) if cfg.spikes.action == "rollback" else None
     if checkpoint is not None:
         setup.restore(stage, trainee, state, checkpoint, record, device)
     if counters.step >= stage.end():
@@ -135,6 +149,8 @@ def fit(stage: Stage, mcfg: ModelConfig, device: torch.device, checkpoint: Path 
     trainee.model.compile_blocks(trainee.precision.compiles(cfg.train.compile, log))          # 4. compile
     if stage.bind is not None:
         stage.bind(trainee)
+    if guard is not None:  # the start or the resumed checkpoint: a snapshot point of every run
+        guard.take(counters.step)
     fpt = flops_per_token(mcfg, stage.flops_seq_len)
     if trainee.adapter is not None:  # the frozen base takes no weight gradients (adapters/sizes.py)
         from stagewise.adapters.sizes import adapter_flops_per_token
@@ -149,17 +165,19 @@ def fit(stage: Stage, mcfg: ModelConfig, device: torch.device, checkpoint: Path 
                                                cfg.log.every), counters, fpt,
                       peak_flops(device, trainee.precision.gemm_dtype) * WORLD.size)
     memory = StageMemory(stage, mcfg, device, first_step=counters.step, main=main, probes=not WORLD.on)
-    _loop(stage, trainee, state, steplog, device, log, memory)
+    _loop(stage, trainee, state, steplog, device, log, memory, guard)
     memory.finish(device)
     steplog.progress.close()
     steplog.metrics.close()
     if counters.skipped_steps:
         log(f"warning: {counters.skipped_steps} step(s) skipped for non-finite gradients")
+    if guard is not None and (n := sum(e["stage"] == stage.index for e in guard.log.events)):
+        log(f"warning: {n} rollback(s) after loss spikes or non-finite steps (metrics.jsonl: rollback)")
     return trainee.model
 
 
 def _loop(stage: Stage, trainee: setup.Trainee, state: TrainState, steplog: StepLog, device, log,
-          memory: StageMemory) -> None:
+          memory: StageMemory, guard: SpikeGuard | None) -> None:
     cfg, counters = stage.cfg, state["counters"]
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "-1")) if WORLD.kills_here() else -1
     sync = StepSync(WORLD, trainee.call) if WORLD.on else None
@@ -179,6 +197,8 @@ def _loop(stage: Stage, trainee: setup.Trainee, state: TrainState, steplog: Step
                                        state.state_dict(), cfg.checkpoint.keep_last,
                                        trainable_only=trainee.adapter is not None, background=background,
                                        process_group=WORLD.checkpoint_group)
+            if guard is not None and not final:  # every checkpoint is a snapshot point: resume rolls back alike
+                guard.take(at_step)
             if not background:
                 return started.wait()
         pending.append(started)
@@ -192,12 +212,14 @@ def _loop(stage: Stage, trainee: setup.Trainee, state: TrainState, steplog: Step
                 stage.consume_cooldown_file()
             t0 = time.perf_counter()
             micro, normaliser, step_tokens = _step_batches(stage, device)
-            _maybe_switch_precision(stage, trainee, state, counters.step, device, steplog.progress)
+            if _maybe_switch_precision(stage, trainee, state, counters.step, device, steplog.progress) and guard:
+                guard.take(counters.step)  # never roll back across a change of model and optimizer
             lr = stage.lr(counters.step)
             probe = memory.probe(trainee, counters.step)
+            objective = _scaled(stage.objective, guard.injected() if guard is not None else None)
             with probe or contextlib.nullcontext():
                 result = train_step(trainee.call or trainee.model, trainee.optimizer, trainee.precision,
-                                    stage.objective, micro, lr, cfg.train.grad_clip, normaliser=normaliser,
+                                    objective, micro, lr, cfg.train.grad_clip, normaliser=normaliser,
                                     observer=probe, sync=sync)
             if probe is not None:
                 memory.record(probe, counters.step + 1, device)
@@ -211,6 +233,9 @@ def _loop(stage: Stage, trainee: setup.Trainee, state: TrainState, steplog: Step
             extra = {**stage.metrics(), **trainee.precision.metrics()}
             steplog.queue({"step": step, "tokens": counters.tokens_seen, "step_tokens": step_tokens, "lr": lr,
                            "mem": peak_memory_bytes(device), "extra": extra}, result, t0)
+            if guard is not None and (reason := guard.judge(steplog.host().loss, steplog.host().applied)):
+                _roll_back(guard, steplog, step, reason, cfg.train.grad_accum)
+                continue
             evaluate_now = step == stage.end() or bool(cfg.eval.every and step % cfg.eval.every == 0)
             checkpoint_now = step == stage.end() or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
             if WORLD.on and WORLD.any(stop.signum is not None) and stop.signum is None:
@@ -222,6 +247,8 @@ def _loop(stage: Stage, trainee: setup.Trainee, state: TrainState, steplog: Step
                 path = save(step, final=step == stage.end() or bool(stop.signum))
                 if stop.signum:
                     _exit_on(stop.signum, steplog, log, f"saved {path}", stage.run_dir)
+            elif guard is not None and step % cfg.spikes.snapshot_every == 0:
+                guard.take(step)
             if step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
         steplog.flush()
@@ -230,6 +257,35 @@ def _loop(stage: Stage, trainee: setup.Trainee, state: TrainState, steplog: Step
         if stop.signum:  # arrived after the last step's check: the final checkpoint is written; stop here
             _exit_on(stop.signum, steplog, log, "after the stage's last step; its checkpoint is complete",
                      stage.run_dir)
+
+
+def _roll_back(guard: SpikeGuard, steplog: StepLog, step: int, reason: str, grad_accum: int) -> None:
+    """Undo the steps since the snapshot: their metrics lines go, the next line records why."""
+    loss = steplog.host().loss
+    steplog.drop()
+    event = {**guard.roll_back(step, reason, grad_accum), "loss": loss}
+    steplog.metrics.truncate(event["to_step"])
+    steplog.note = {"rollback": steplog.note.get("rollback", []) + [event], "rollbacks": len(guard.log.events)}
+    steplog.progress.message(f"step {step}: {reason}; rolled back to step {event['to_step']}, "
+                             f"skipping {event['skipped_batches']} batch(es)")
+
+
+class _Scaled:
+    """An objective whose loss is multiplied by `factor` (the spike test hook, train/spikes.py)."""
+
+    def __init__(self, objective, factor: float):
+        self.objective, self.factor = objective, factor
+
+    def __getattr__(self, name):
+        return getattr(self.objective, name)
+
+    def __call__(self, model, batch):
+        out = self.objective(model, batch)
+        return out._replace(loss_sum=out.loss_sum * self.factor)
+
+
+def _scaled(objective, factor: float | None):
+    return objective if factor is None else _Scaled(objective, factor)
 
 
 def _step_batches(stage: Stage, device) -> tuple[list, int, int]:
@@ -250,16 +306,17 @@ def _exit_on(signum: int, steplog: StepLog, log, what: str, run_dir) -> None:
     raise SystemExit(128 + signum)
 
 
-def _maybe_switch_precision(stage: Stage, trainee, state: TrainState, step: int, device, progress) -> None:
-    """A precision schedule's switch due before this step (precision/schedule.py)."""
+def _maybe_switch_precision(stage: Stage, trainee, state: TrainState, step: int, device, progress) -> bool:
+    """A precision schedule's switch due before this step (precision/schedule.py); whether one was."""
     if (switch := stage_due(stage.cfg.precision, step)) is None:
-        return
+        return False
     trainee.model, trainee.precision, trainee.optimizer = switch_precision(
         stage.cfg.precision, switch, trainee.model, trainee.precision, trainee.optimizer,
         trainee.optimizer_factory(stage, device), device)
     state.register("precision", trainee.precision)
     trainee.model.compile_blocks(trainee.precision.compiles(stage.cfg.train.compile))
     progress.message(f"step {step}: precision {switch.mode} from here on (optimizer state: {switch.optimizer_state})")
+    return True
 
 
 class _StageState:

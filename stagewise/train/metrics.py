@@ -185,6 +185,11 @@ class MetricsLog:
         self._f.write(json.dumps(record) + "\n")
         self._f.flush()
 
+    def truncate(self, step: int) -> None:
+        """Drop the lines of steps after `step` (a rollback undid them)."""
+        self._f.close()
+        self.__init__(self.path, resume_step=step)
+
     def close(self) -> None:
         self._f.close()
 
@@ -193,6 +198,9 @@ class NullMetricsLog:
     """What ranks other than 0 write metrics to: nothing."""
 
     def write(self, record: dict) -> None:
+        pass
+
+    def truncate(self, step: int) -> None:
         pass
 
     def close(self) -> None:

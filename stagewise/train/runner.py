@@ -231,6 +231,9 @@ def check_config_edits(cfg: RunConfig, started: dict | None, run_dir: Path, log)
     if started is None:  # a run directory from before run_info.json kept the config
         return
     now, then = _flat(json.loads(json.dumps(dataclasses.asdict(cfg)))), _flat(started)
+    # a field added to the schema since the run started reads as its default there
+    default = _flat(json.loads(json.dumps(dataclasses.asdict(RunConfig()))))
+    then = {**{k: default[k] for k in now.keys() - then.keys() if k in default}, **then}
     changed = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
     unsafe = [k for k in changed if not k.startswith(SAFE_EDITS)]
     if unsafe:

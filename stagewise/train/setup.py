@@ -129,6 +129,10 @@ def restore(stage: Stage, trainee: Trainee, state: TrainState, checkpoint, recor
     fresh_precision = boundary and trainee.base_from_export  # nothing of the old precision's state applies
     parts = ["counters", "source"] + ([] if fresh_precision else ["precision"]) + ([] if boundary else ["stage"])
     state.load_state_dict(saved, parts)
+    # Parts a checkpoint holds only when written with them on (the spike guard's): the loss window is
+    # the stage's own, the rollback log the run's.
+    optional = ["rollbacks"] + ([] if boundary else ["spikes"])
+    state.load_state_dict(saved, [n for n in optional if n in state.parts and n in saved])
     if boundary:
         for group, hyper in zip(optimizer.param_groups, own_hyper):
             group.update(hyper)  # the new stage's betas, eps, weight decay, not the checkpoint's
