@@ -35,7 +35,7 @@ from stagewise.train.state import Counters, RNGState, TrainState
 from stagewise.train.step import train_step
 
 # Test hook: SIGKILL this process right after the given step has been logged (and
-# checkpointed, if due) — how the resume tests crash a run at an exact point.
+# checkpointed, if due) — how the resume tests crash a run at an exact point; "N:TERM" sends SIGTERM.
 KILL_AT_STEP_ENV = "STAGEWISE_DEBUG_KILL_AT_STEP"
 
 
@@ -179,7 +179,8 @@ def fit(stage: Stage, mcfg: ModelConfig, device: torch.device, checkpoint: Path 
 def _loop(stage: Stage, trainee: setup.Trainee, state: TrainState, steplog: StepLog, device, log,
           memory: StageMemory, guard: SpikeGuard | None) -> None:
     cfg, counters = stage.cfg, state["counters"]
-    kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "-1")) if WORLD.kills_here() else -1
+    kill_at, _, kill_how = os.environ.get(KILL_AT_STEP_ENV, "-1").partition(":")
+    kill_at = int(kill_at) if WORLD.kills_here() else -1
     sync = StepSync(WORLD, trainee.call) if WORLD.on else None
 
     pending = []  # an async save being written (checkpoint.async_save), published once every rank is done
@@ -244,13 +245,18 @@ def _loop(stage: Stage, trainee: setup.Trainee, state: TrainState, steplog: Step
                 steplog.flush(evaluate=(lambda: stage.evaluate(trainee.model, trainee.precision)) if evaluate_now else None)
             publish(wait=False)
             if checkpoint_now or stop.signum:
-                path = save(step, final=step == stage.end() or bool(stop.signum))
+                at = step
+                if stop.signum and not checkpoint_now and guard is not None and guard.snapshot.step < step:
+                    at = guard.rewind()  # save what the uninterrupted run had: a resume then rolls back alike
+                    steplog.metrics.truncate(at)
+                path = save(at, final=step == stage.end() or bool(stop.signum))
                 if stop.signum:
-                    _exit_on(stop.signum, steplog, log, f"saved {path}", stage.run_dir)
+                    what = f"saved {path}" + (f" (the snapshot of step {at}, spikes: rollback)" if at != step else "")
+                    _exit_on(stop.signum, steplog, log, what, stage.run_dir)
             elif guard is not None and step % cfg.spikes.snapshot_every == 0:
                 guard.take(step)
-            if step == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
+            if step == kill_at:  # "N:TERM": a SIGTERM instead, seen at the next step's check
+                os.kill(os.getpid(), signal.SIGTERM if kill_how == "TERM" else signal.SIGKILL)
         steplog.flush()
         with stop.saving():
             publish(wait=True)

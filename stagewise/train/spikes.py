@@ -13,8 +13,8 @@ A spike is a loss above median + threshold * 1.4826 * MAD over the last `window`
 by the spike itself), and at least min_rise above the median. The window, the non-finite streak
 and the log of rollbacks are train-state parts, so a resume judges every later step as the
 uninterrupted run did; because every checkpoint is also a snapshot point, a crash resumed from a
-checkpoint rolls back to the same steps. The one exception: a stop by signal at a step that is
-no snapshot point; the resumed run's snapshot is that step (the uninterrupted run's was older).
+checkpoint rolls back to the same steps; a stop by signal between snapshots saves the newest
+snapshot (rewind), not the current step, for the same reason.
 """
 
 from __future__ import annotations
@@ -116,6 +116,13 @@ class SpikeGuard:
     def judge(self, loss: float, applied: bool) -> str | None:
         self.window.loss_scaled = getattr(self.trainee.precision, "name", "") == "fp16-mixed"  # after a switch too
         return self.window.judge(loss, applied)
+
+    def rewind(self) -> int:
+        """Everything back to the snapshot, the batch source and the log included: the state the run had
+        at that step (a stop by signal saves it, so that the resumed run is the uninterrupted one)."""
+        t = self.trainee
+        self.state.load_state_dict(restore_snapshot(self.snapshot, t.model, t.optimizer), list(self.state.parts))
+        return self.snapshot.step
 
     def roll_back(self, step: int, reason: str, grad_accum: int) -> dict:
         """Restore the snapshot (all but the source and the log); the event, as metrics.jsonl records it."""
