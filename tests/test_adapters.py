@@ -82,7 +82,9 @@ def test_forward_and_adapter_gradients_match_peft(kind, rslora, lm_head):
     for name, layer in adapters(ours).items():
         ref = pm.base_model.model.get_submodule(hf_module_name(name))
         for ours_p, ref_p in ((layer.lora_A, ref.lora_A["default"].weight), (layer.lora_B, ref.lora_B["default"].weight)):
-            assert torch.allclose(ours_p.grad, ref_p.grad, rtol=1e-4, atol=1e-6), name
+            # atol 1e-5: fp32 GEMM reduction order differs between CPU kernels (1.65e-6 seen on a Xeon with AMX,
+            # gradients ~0.1-0.3); far below any real mismatch of an adapter's gradient
+            assert torch.allclose(ours_p.grad, ref_p.grad, rtol=1e-4, atol=1e-5), (name, (ours_p.grad - ref_p.grad).abs().max())
         if layer.dora:
             assert torch.allclose(layer.lora_magnitude.grad, ref.lora_magnitude_vector["default"].weight.grad,
                                   rtol=1e-4, atol=1e-6)
