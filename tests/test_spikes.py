@@ -92,7 +92,7 @@ def test_snapshot_restores_bitwise_and_training_continues_identically(name):
         _step(model, opt, s)
     snap = take_snapshot(3, model, opt, {"counters": {"step": 3}}, trainable_only=False)
     expected = _state(model, opt)
-    twin_model, twin_opt = copy.deepcopy(model), copy.deepcopy(opt)  # what continuing from step 3 gives
+    twin_model = copy.deepcopy(model)  # what continuing from step 3 gives
     twin_opt = build_optimizer(OptimConfig(name=name, lr=1e-2, update_proj_gap=2), twin_model, torch.device("cpu"))
     twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     for s in range(3, 7):  # diverge: moments and projectors change (update_proj_gap 2 refreshes them)

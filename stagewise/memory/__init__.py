@@ -69,6 +69,13 @@ class StageMemory:
 
         return MemoryProbe(trainee.model, trainee.optimizer, self.device)
 
+    def after_step(self, probe, trainee, step: int, device) -> None:
+        """After the step `probe()` was asked about: its measurement, or (torch.distributed) this rank's."""
+        if probe is not None:
+            self.record(probe, step, device)
+        else:
+            self.record_local(trainee, step, device)
+
     def record_local(self, trainee, step: int, device) -> None:
         """Under torch.distributed, at the probe step: the bytes of the weights, gradients and optimizer
         states this rank holds (its shards under fsdp2/hsdp), counted from the tensors themselves."""

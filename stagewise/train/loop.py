@@ -29,7 +29,7 @@ from stagewise.precision.schedule import stage_due, switch_precision
 from stagewise.train import setup
 from stagewise.train.metrics import MetricsLog, NullMetricsLog, mfu, peak_flops, peak_memory_bytes
 from stagewise.train.progress import Progress
-from stagewise.train.spikes import SpikeGuard
+from stagewise.train.spikes import NoGuard, SpikeGuard, build_guard
 from stagewise.train.stage import Stage
 from stagewise.train.state import Counters, RNGState, TrainState
 from stagewise.train.step import train_step
@@ -140,7 +140,7 @@ def fit(stage: Stage, mcfg: ModelConfig, device: torch.device, checkpoint: Path 
                        stage=_StageState(stage, counters))
     if trainee.adapter is not None:
         state.register("adapter", trainee.adapter)
-    guard = SpikeGuard(cfg.spikes, trainee, state, stage.index) if cfg.spikes.action == "rollback" else None
+    guard = build_guard(cfg.spikes, trainee, state, stage.index)
     if checkpoint is not None:
         setup.restore(stage, trainee, state, checkpoint, record, device)
     if counters.step >= stage.end():
@@ -149,8 +149,7 @@ def fit(stage: Stage, mcfg: ModelConfig, device: torch.device, checkpoint: Path 
     trainee.model.compile_blocks(trainee.precision.compiles(cfg.train.compile, log))          # 4. compile
     if stage.bind is not None:
         stage.bind(trainee)
-    if guard is not None:  # the start or the resumed checkpoint: a snapshot point of every run
-        guard.take(counters.step)
+    guard.take(counters.step)  # the start or the resumed checkpoint: a snapshot point of every run
     fpt = flops_per_token(mcfg, stage.flops_seq_len)
     if trainee.adapter is not None:  # the frozen base takes no weight gradients (adapters/sizes.py)
         from stagewise.adapters.sizes import adapter_flops_per_token
@@ -171,16 +170,15 @@ def fit(stage: Stage, mcfg: ModelConfig, device: torch.device, checkpoint: Path 
     steplog.metrics.close()
     if counters.skipped_steps:
         log(f"warning: {counters.skipped_steps} step(s) skipped for non-finite gradients")
-    if guard is not None and (n := sum(e["stage"] == stage.index for e in guard.log.events)):
+    if n := guard.rollbacks_in(stage.index):
         log(f"warning: {n} rollback(s) after loss spikes or non-finite steps (metrics.jsonl: rollback)")
     return trainee.model
 
 
 def _loop(stage: Stage, trainee: setup.Trainee, state: TrainState, steplog: StepLog, device, log,
-          memory: StageMemory, guard: SpikeGuard | None) -> None:
+          memory: StageMemory, guard: SpikeGuard | NoGuard) -> None:
     cfg, counters = stage.cfg, state["counters"]
-    kill_at, _, kill_how = os.environ.get(KILL_AT_STEP_ENV, "-1").partition(":")
-    kill_at = int(kill_at) if WORLD.kills_here() else -1
+    kill_at, kill_signal = _kill_hook()
     sync = StepSync(WORLD, trainee.call) if WORLD.on else None
 
     pending = []  # an async save being written (checkpoint.async_save), published once every rank is done
@@ -198,7 +196,7 @@ def _loop(stage: Stage, trainee: setup.Trainee, state: TrainState, steplog: Step
                                        state.state_dict(), cfg.checkpoint.keep_last,
                                        trainable_only=trainee.adapter is not None, background=background,
                                        process_group=WORLD.checkpoint_group)
-            if guard is not None and not final:  # every checkpoint is a snapshot point: resume rolls back alike
+            if not final:  # every checkpoint is a snapshot point: a resume rolls back alike
                 guard.take(at_step)
             if not background:
                 return started.wait()
@@ -213,19 +211,15 @@ def _loop(stage: Stage, trainee: setup.Trainee, state: TrainState, steplog: Step
                 stage.consume_cooldown_file()
             t0 = time.perf_counter()
             micro, normaliser, step_tokens = _step_batches(stage, device)
-            if _maybe_switch_precision(stage, trainee, state, counters.step, device, steplog.progress) and guard:
+            if _maybe_switch_precision(stage, trainee, state, counters.step, device, steplog.progress):
                 guard.take(counters.step)  # never roll back across a change of model and optimizer
             lr = stage.lr(counters.step)
             probe = memory.probe(trainee, counters.step)
-            objective = _scaled(stage.objective, guard.injected() if guard is not None else None)
             with probe or contextlib.nullcontext():
                 result = train_step(trainee.call or trainee.model, trainee.optimizer, trainee.precision,
-                                    objective, micro, lr, cfg.train.grad_clip, normaliser=normaliser,
-                                    observer=probe, sync=sync)
-            if probe is not None:
-                memory.record(probe, counters.step + 1, device)
-            elif WORLD.on:
-                memory.record_local(trainee, counters.step + 1, device)
+                                    guard.objective(stage.objective), micro, lr, cfg.train.grad_clip,
+                                    normaliser=normaliser, observer=probe, sync=sync)
+            memory.after_step(probe, trainee, counters.step + 1, device)
             steplog.flush(t0)  # the previous step's line, now that this step is queued
             counters.step += 1
             counters.tokens_seen += step_tokens
@@ -234,7 +228,7 @@ def _loop(stage: Stage, trainee: setup.Trainee, state: TrainState, steplog: Step
             extra = {**stage.metrics(), **trainee.precision.metrics()}
             steplog.queue({"step": step, "tokens": counters.tokens_seen, "step_tokens": step_tokens, "lr": lr,
                            "mem": peak_memory_bytes(device), "extra": extra}, result, t0)
-            if guard is not None and (reason := guard.judge(steplog.host().loss, steplog.host().applied)):
+            if reason := guard.judge(steplog.host):
                 _roll_back(guard, steplog, step, reason, cfg.train.grad_accum)
                 continue
             evaluate_now = step == stage.end() or bool(cfg.eval.every and step % cfg.eval.every == 0)
@@ -245,24 +239,27 @@ def _loop(stage: Stage, trainee: setup.Trainee, state: TrainState, steplog: Step
                 steplog.flush(evaluate=(lambda: stage.evaluate(trainee.model, trainee.precision)) if evaluate_now else None)
             publish(wait=False)
             if checkpoint_now or stop.signum:
-                at = step
-                if stop.signum and not checkpoint_now and guard is not None and guard.snapshot.step < step:
-                    at = guard.rewind()  # save what the uninterrupted run had: a resume then rolls back alike
-                    steplog.metrics.truncate(at)
+                at = step if checkpoint_now else guard.stop_point(step, steplog.metrics)
                 path = save(at, final=step == stage.end() or bool(stop.signum))
                 if stop.signum:
                     what = f"saved {path}" + (f" (the snapshot of step {at}, spikes: rollback)" if at != step else "")
                     _exit_on(stop.signum, steplog, log, what, stage.run_dir)
-            elif guard is not None and step % cfg.spikes.snapshot_every == 0:
-                guard.take(step)
-            if step == kill_at:  # "N:TERM": a SIGTERM instead, seen at the next step's check
-                os.kill(os.getpid(), signal.SIGTERM if kill_how == "TERM" else signal.SIGKILL)
+            else:
+                guard.periodic(step)
+            if step == kill_at:
+                os.kill(os.getpid(), kill_signal)
         steplog.flush()
         with stop.saving():
             publish(wait=True)
         if stop.signum:  # arrived after the last step's check: the final checkpoint is written; stop here
             _exit_on(stop.signum, steplog, log, "after the stage's last step; its checkpoint is complete",
                      stage.run_dir)
+
+
+def _kill_hook() -> tuple[int, int]:
+    """KILL_AT_STEP_ENV as (step, signal): "N" SIGKILL, "N:TERM" SIGTERM (seen at the next step's check)."""
+    at, _, how = os.environ.get(KILL_AT_STEP_ENV, "-1").partition(":")
+    return (int(at) if WORLD.kills_here() else -1), signal.SIGTERM if how == "TERM" else signal.SIGKILL
 
 
 def _roll_back(guard: SpikeGuard, steplog: StepLog, step: int, reason: str, grad_accum: int) -> None:
@@ -274,24 +271,6 @@ def _roll_back(guard: SpikeGuard, steplog: StepLog, step: int, reason: str, grad
     steplog.note = {"rollback": steplog.note.get("rollback", []) + [event], "rollbacks": len(guard.log.events)}
     steplog.progress.message(f"step {step}: {reason}; rolled back to step {event['to_step']}, "
                              f"skipping {event['skipped_batches']} batch(es)")
-
-
-class _Scaled:
-    """An objective whose loss is multiplied by `factor` (the spike test hook, train/spikes.py)."""
-
-    def __init__(self, objective, factor: float):
-        self.objective, self.factor = objective, factor
-
-    def __getattr__(self, name):
-        return getattr(self.objective, name)
-
-    def __call__(self, model, batch):
-        out = self.objective(model, batch)
-        return out._replace(loss_sum=out.loss_sum * self.factor)
-
-
-def _scaled(objective, factor: float | None):
-    return objective if factor is None else _Scaled(objective, factor)
 
 
 def _step_batches(stage: Stage, device) -> tuple[list, int, int]:

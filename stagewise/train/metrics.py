@@ -174,12 +174,15 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
         if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and _step_of(line) is not None and _step_of(line) <= resume_step]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+            self._keep_through(resume_step)
         self._f = open(path, "a", encoding="utf-8")
+
+    def _keep_through(self, step: int) -> None:
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and _step_of(line) is not None and _step_of(line) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
         self._f.write(json.dumps(record) + "\n")
@@ -188,7 +191,8 @@ class MetricsLog:
     def truncate(self, step: int) -> None:
         """Drop the lines of steps after `step` (a rollback undid them)."""
         self._f.close()
-        self.__init__(self.path, resume_step=step)
+        self._keep_through(step)
+        self._f = open(self.path, "a", encoding="utf-8")
 
     def close(self) -> None:
         self._f.close()

@@ -108,14 +108,34 @@ class SpikeGuard:
         t = self.trainee
         self.snapshot = take_snapshot(step, t.model, t.optimizer, self.state.state_dict(), t.adapter is not None)
 
-    def injected(self) -> float | None:
-        """The loss factor the test hook gives the step about to run (counted once per executed step)."""
-        self.log.executed += 1
-        return self._inject.get(self.log.executed)
+    def periodic(self, step: int) -> None:
+        if step % self.cfg.snapshot_every == 0:
+            self.take(step)
 
-    def judge(self, loss: float, applied: bool) -> str | None:
+    def objective(self, objective):
+        """The objective of the step about to run: the stage's, or the test hook's scaled copy (counted once
+        per executed step)."""
+        self.log.executed += 1
+        factor = self._inject.get(self.log.executed)
+        return objective if factor is None else _Scaled(objective, factor)
+
+    def judge(self, result) -> str | None:
+        """result: () -> the step's host StepResult; reading it waits for the step (the one place the guard
+        costs time on a GPU: the next step is launched after this step's loss is known)."""
+        r = result()
         self.window.loss_scaled = getattr(self.trainee.precision, "name", "") == "fp16-mixed"  # after a switch too
-        return self.window.judge(loss, applied)
+        return self.window.judge(r.loss, r.applied)
+
+    def rollbacks_in(self, stage_index: int) -> int:
+        return sum(e.get("stage") == stage_index for e in self.log.events)
+
+    def stop_point(self, step: int, metrics) -> int:
+        """Where a stop by signal at `step` saves: the snapshot when it is older (rewound to, metrics.jsonl cut
+        back to it), so that the resumed run is the uninterrupted one."""
+        if self.snapshot.step < step:
+            self.rewind()
+            metrics.truncate(self.snapshot.step)
+        return self.snapshot.step
 
     def rewind(self) -> int:
         """Everything back to the snapshot, the batch source and the log included: the state the run had
@@ -126,7 +146,7 @@ class SpikeGuard:
 
     def roll_back(self, step: int, reason: str, grad_accum: int) -> dict:
         """Restore the snapshot (all but the source and the log); the event, as metrics.jsonl records it."""
-        if sum(e.get("stage") == self.stage_index for e in self.log.events) >= self.cfg.max_rollbacks:
+        if self.rollbacks_in(self.stage_index) >= self.cfg.max_rollbacks:
             raise TrainingDiverged(f"step {step}: {reason}, after {self.cfg.max_rollbacks} rollbacks in this stage "
                                    f"(spikes.max_rollbacks); the checkpoints are intact: lower optim.lr, raise "
                                    "spikes.threshold or check the data, then resume")
@@ -137,6 +157,45 @@ class SpikeGuard:
                  "skipped_batches": (step - snap.step) * grad_accum, "stage": self.stage_index}
         self.log.events.append(event)
         return event
+
+
+class NoGuard:
+    """spikes.action none: the same calls, doing nothing (and never reading a step's result early)."""
+
+    def take(self, step: int) -> None:
+        pass
+
+    periodic = take
+
+    def objective(self, objective):
+        return objective
+
+    def judge(self, result) -> None:
+        return None
+
+    def rollbacks_in(self, stage_index: int) -> int:
+        return 0
+
+    def stop_point(self, step: int, metrics) -> int:
+        return step
+
+
+def build_guard(cfg, trainee, state, stage_index: int):
+    return SpikeGuard(cfg, trainee, state, stage_index) if cfg.action == "rollback" else NoGuard()
+
+
+class _Scaled:
+    """An objective whose loss is multiplied by `factor` (the INJECT_ENV test hook)."""
+
+    def __init__(self, objective, factor: float):
+        self.objective, self.factor = objective, factor
+
+    def __getattr__(self, name):
+        return getattr(self.objective, name)
+
+    def __call__(self, model, batch):
+        out = self.objective(model, batch)
+        return out._replace(loss_sum=out.loss_sum * self.factor)
 
 
 def _parse_inject(text: str) -> dict[int, float]:
