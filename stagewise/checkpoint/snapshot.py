@@ -35,9 +35,6 @@ class Snapshot:
     train_state: dict
     trainable_only: bool
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
-
 
 def take_snapshot(step: int, model: nn.Module, optimizer, train_state: dict, trainable_only: bool) -> Snapshot:
     """Copy the state a checkpoint of `step` would hold into CPU memory."""

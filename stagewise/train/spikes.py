@@ -106,6 +106,7 @@ class SpikeGuard:
 
     def take(self, step: int) -> None:
         t = self.trainee
+        self.snapshot = None  # freed before the next is copied: one snapshot in memory, as the plan counts
         self.snapshot = take_snapshot(step, t.model, t.optimizer, self.state.state_dict(), t.adapter is not None)
 
     def periodic(self, step: int) -> None:
