@@ -30,6 +30,7 @@ demo: $(STAMP)
 	$(VENV)/bin/stagewise run recipes/quickstart.yaml
 
 test: $(STAMP)
+	-@$(MAKE) -s system-deps
 	$(PY) -m pytest -q
 
 # The suite without the slow integration tests.

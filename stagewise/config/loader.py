@@ -21,6 +21,7 @@ import yaml
 
 from stagewise.config.schema import RunConfig
 from stagewise.errors import ConfigError
+from stagewise.trackers import check_trackers
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> RunConfig:
@@ -108,6 +109,8 @@ def from_dict(cls, data: Any, path: str = ""):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if cls is RunConfig:
         data = _inherit_stage_sections(data)
+        if isinstance(data.get("log"), list):  # `log: [jsonl, tensorboard]` is short for `log: {to: [...]}`
+            data = {**data, "log": {"to": data["log"]}}
     for key in data:
         if key not in fields:
             where = f"{path}.{key}" if path else str(key)
@@ -264,6 +267,7 @@ def check_consistency(cfg: RunConfig) -> None:
         raise ConfigError(f"name: expected letters, digits, '.', '_' or '-', got {_show(cfg.name)}")
     _check_precision(cfg)
     _check_optim(cfg)
+    check_trackers(cfg.log)
 
 
 def _check_optim(cfg: RunConfig) -> None:

@@ -327,6 +327,14 @@ class LogConfig:
     progress: str = opt("auto", "Progress display: a live bar on a terminal, plain lines otherwise (auto), "
                         "or force bar / plain / none.", choices=["auto", "bar", "plain", "none"])
     every: int = opt(10, "Print a plain progress line every N steps (when not showing a bar).", gt=0)
+    to: list[str] = opt(["jsonl"], "Where metrics go: jsonl (RUN_DIR/metrics.jsonl, always written), tensorboard "
+                        "(RUN_DIR/tensorboard), wandb (offline: RUN_DIR/wandb), mlflow (log.mlflow_uri); each "
+                        "tracker is an extra: pip install 'stagewise[NAME]' (docs/trackers.md). `log: [..]` is "
+                        "short for `log: {to: [..]}`.")
+    project: str = opt("stagewise", "The wandb project and the mlflow experiment the run is logged under.")
+    run_name: Optional[str] = opt(None, "The tracker run's name; null: the recipe's name.")
+    mlflow_uri: Optional[str] = opt(None, "MLflow tracking store (a sqlite:/// URI or a local directory); null: "
+                                    "sqlite:///RUN_DIR/mlflow.db.")
 
 
 @dataclass
@@ -448,7 +456,7 @@ class RunConfig:
     memory: MemoryConfig = opt(MemoryConfig, "Memory plan checks and measurement (docs/memory.md).")
     parallel: ParallelConfig = opt(ParallelConfig, "Training on several processes under torchrun "
                                    "(docs/distributed.md).")
-    log: LogConfig = opt(LogConfig, "Progress display.")
+    log: LogConfig = opt(LogConfig, "Progress display and experiment trackers.")
     sample: SampleConfig = opt(SampleConfig, "Samples printed at the end of training.")
     sft: SFTConfig = opt(SFTConfig, "Supervised fine-tuning (kind sft; docs/sft.md).")
     dpo: DPOConfig = opt(DPOConfig, "Preference optimisation (kind dpo; docs/dpo.md).")

@@ -121,9 +121,9 @@ class StepLog:
         self.progress.update(record["step"], r.loss, tok_s, record["mfu"], record.get("val_loss"))
 
 
-def fit(stage: Stage, mcfg: ModelConfig, device: torch.device, checkpoint: Path | None, log):
+def fit(stage: Stage, mcfg: ModelConfig, device: torch.device, checkpoint: Path | None, log, trackers=None):
     """Train `stage` from `checkpoint` (None: from its start) to its end; returns the model, or None
-    when the checkpoint is already at the stage's end."""
+    when the checkpoint is already at the stage's end. trackers: rank 0's experiment trackers."""
     cfg = stage.cfg
     if stage.prepare is not None:  # before the policy exists: a precompute's temporary copy is the only model
         from stagewise.precision import build_precision
@@ -158,8 +158,11 @@ def fit(stage: Stage, mcfg: ModelConfig, device: torch.device, checkpoint: Path 
     if stage.reference_forward:  # a reference forward per step: a third of the 6N + attention of training
         fpt += flops_per_token(mcfg, stage.flops_seq_len) // 3
     main = WORLD.main  # rank 0 alone writes metrics and memory.json and prints progress
-    metrics = MetricsLog(stage.run_dir / rundir.METRICS, resume_step=counters.step if checkpoint else 0) if main \
-        else NullMetricsLog()
+    if trackers is not None:  # with rollbacks a line waits for the next snapshot: until then it can be undone
+        trackers.deferred = isinstance(guard, SpikeGuard)
+        guard.after_take = trackers.commit
+    metrics = MetricsLog(stage.run_dir / rundir.METRICS, resume_step=counters.step if checkpoint else 0,
+                         sink=trackers) if main else NullMetricsLog()
     steplog = StepLog(stage, metrics, Progress(stage.end(), counters.step, cfg.log.progress if main else "none",
                                                cfg.log.every), counters, fpt,
                       peak_flops(device, trainee.precision.gemm_dtype) * WORLD.size)

@@ -169,29 +169,37 @@ class MetricsLog:
 
     On resume, lines for steps after the checkpoint are dropped first, so the file of a
     killed-and-resumed run holds each step exactly once, like an uninterrupted run.
+    sink: the run's experiment trackers (stagewise/trackers.py), sent every line this file keeps.
     """
 
-    def __init__(self, path: Path, resume_step: int | None = None):
-        self.path = path
+    def __init__(self, path: Path, resume_step: int | None = None, sink=None):
+        self.path, self.sink = path, sink
         if resume_step is not None and path.exists():
-            self._keep_through(resume_step)
+            kept = self._keep_through(resume_step)
+            if sink is not None:  # lines before the checkpoint are final: what a killed run had not sent yet
+                sink.catch_up([json.loads(line) for line in kept], resume_step)
         self._f = open(path, "a", encoding="utf-8")
 
-    def _keep_through(self, step: int) -> None:
+    def _keep_through(self, step: int) -> list[str]:
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and _step_of(line) is not None and _step_of(line) <= step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
+        return kept
 
     def write(self, record: dict) -> None:
         self._f.write(json.dumps(record) + "\n")
         self._f.flush()
+        if self.sink is not None:
+            self.sink.send(record)
 
     def truncate(self, step: int) -> None:
         """Drop the lines of steps after `step` (a rollback undid them)."""
         self._f.close()
         self._keep_through(step)
+        if self.sink is not None:
+            self.sink.drop_after(step)
         self._f = open(self.path, "a", encoding="utf-8")
 
     def close(self) -> None:

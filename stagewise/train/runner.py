@@ -21,7 +21,7 @@ import torch
 from stagewise import rundir
 from stagewise.checkpoint import export_config, export_safetensors, latest_checkpoint
 from stagewise.checkpoint.store import latest_valid_checkpoint, read_train_record
-from stagewise.config.loader import dump_yaml, from_dict, read_yaml
+from stagewise.config.loader import dump_yaml, from_dict, read_yaml, to_dict
 from stagewise.config.schema import ModelConfig, RunConfig
 from stagewise.data import Tokenizer, open_dataset, resolve_dataset
 from stagewise.distributed import check_parallel, init_world, launched_world_size
@@ -294,6 +294,23 @@ def _position(cfg: RunConfig, ckpt) -> tuple[int, int, dict]:
 
 
 def _drive(run: RunData, mcfg: ModelConfig, device, ckpt, log) -> None:
+    """Train from `ckpt` to the run's end with its experiment trackers open (rank 0: log.to)."""
+    trackers = None
+    if _rank0() and any(n != "jsonl" for n in run.cfg.log.to):
+        from stagewise.trackers import Trackers
+
+        trackers = Trackers([n for n in run.cfg.log.to if n != "jsonl"], run.run_dir, to_dict(run.cfg),
+                            run.cfg.log, run.cfg.name)
+    ok = False
+    try:
+        _drive_stages(run, mcfg, device, ckpt, log, trackers)
+        ok = True
+    finally:
+        if trackers is not None:
+            trackers.close(ok)
+
+
+def _drive_stages(run: RunData, mcfg: ModelConfig, device, ckpt, log, trackers) -> None:
     cfg, run_dir = run.cfg, run.run_dir
     index, start, record = _position(cfg, ckpt)
     if index >= plan.n_stages(cfg):
@@ -323,7 +340,7 @@ def _drive(run: RunData, mcfg: ModelConfig, device, ckpt, log) -> None:
             shares = f", mixture: {', '.join(f'{n} {p:.1%}' for n, p in mix.items())}" if mix else ""
             log(f"stage {i} ({stage.name}): steps {start}..{stage.end()} (budget {stage.budget}), kind {stage.kind}"
                 f"{shares}")
-        model = fit(stage, mcfg, device, ckpt, log)
+        model = fit(stage, mcfg, device, ckpt, log, trackers)
         if model is None:
             return
         ckpt = latest_checkpoint(run_dir / rundir.CHECKPOINTS)

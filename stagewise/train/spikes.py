@@ -102,12 +102,15 @@ class SpikeGuard:
         state.register("spikes", self.window)
         state.register("rollbacks", self.log)
         self.snapshot: Snapshot | None = None
+        self.after_take = None  # (step) -> None, called after each snapshot (the trackers' commit)
         self._inject = _parse_inject(os.environ.get(INJECT_ENV, ""))
 
     def take(self, step: int) -> None:
         t = self.trainee
         self.snapshot = None  # freed before the next is copied: one snapshot in memory, as the plan counts
         self.snapshot = take_snapshot(step, t.model, t.optimizer, self.state.state_dict(), t.adapter is not None)
+        if self.after_take is not None:
+            self.after_take(step)
 
     def periodic(self, step: int) -> None:
         if step % self.cfg.snapshot_every == 0:
@@ -162,6 +165,8 @@ class SpikeGuard:
 
 class NoGuard:
     """spikes.action none: the same calls, doing nothing (and never reading a step's result early)."""
+
+    after_take = None
 
     def take(self, step: int) -> None:
         pass
