@@ -10,6 +10,11 @@ on any finished run.
 - forgetting F[i][j] = L[i][j] - min over k <= i of L[k][j]: how far domain j's loss is
   above the best it has been ("Gradient Episodic Memory", Lopez-Paz & Ranzato 2017, uses
   the same maximum-minus-current definition for accuracy).
+- table (staged runs of any kinds, train/stages.py: forgetting_columns): the same, over every metric a
+  stage introduced and every later stage measures: bits per byte of text domains and sft data (lower is
+  better), exact_match of verifiable tasks (higher is better). values V[i][c] as for L; forgetting
+  F[i][c] = how far V[i][c] is worse than the best value so far: V - min for lower-is-better columns,
+  max - V for higher-is-better ones; never negative.
 - stability gap (De Lange et al. 2023, "Continual evaluation for lifelong learning: identifying
   the stability gap"): at the start of stage i+1 a domain's loss often jumps and then
   partly recovers. For each boundary and each domain seen before it: the largest rise of
@@ -69,8 +74,36 @@ def stability_gaps(history: Sequence[dict], n_stages: int, domains: Sequence[str
     return gaps
 
 
-def forgetting_report(history: Sequence[dict], stages: Sequence[str], domains: Sequence[str]) -> dict:
+def metric_table(history: Sequence[dict], n_stages: int, columns: Sequence[dict]) -> dict:
+    """{"columns", "values", "forgetting"} over `columns` ({"key", "stage", "higher_is_better"}): the last
+    value of each key logged in stage i, None before the column's stage (or if never logged there)."""
+    values = []
+    for i in range(n_stages):
+        evals = [r for r in history if r.get("stage") == i]
+        row = []
+        for c in columns:
+            logged = [r[c["key"]] for r in evals if c["key"] in r] if c["stage"] <= i else []
+            row.append(logged[-1] if logged else None)
+        values.append(row)
+    drops = []
+    for i, row in enumerate(values):
+        out = []
+        for j, (c, v) in enumerate(zip(columns, row)):
+            seen = [values[k][j] for k in range(i + 1) if values[k][j] is not None]
+            if v is None:
+                out.append(None)
+            else:
+                out.append(max(seen) - v if c["higher_is_better"] else v - min(seen))
+        drops.append(out)
+    return {"columns": [dict(c) for c in columns], "values": values, "forgetting": drops}
+
+
+def forgetting_report(history: Sequence[dict], stages: Sequence[str], domains: Sequence[str],
+                      columns: Sequence[dict] = ()) -> dict:
     """The content of RUN_DIR/forgetting.json for the (completed) `stages` of a run."""
     matrix = loss_matrix(history, len(stages), domains)
-    return {"domains": list(domains), "stages": list(stages), "matrix": matrix, "forgetting": forgetting(matrix),
-            "stability_gap": stability_gaps(history, len(stages), domains)}
+    out = {"domains": list(domains), "stages": list(stages), "matrix": matrix, "forgetting": forgetting(matrix),
+           "stability_gap": stability_gaps(history, len(stages), domains)}
+    if columns:
+        out["table"] = metric_table(history, len(stages), columns)
+    return out

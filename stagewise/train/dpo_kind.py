@@ -33,17 +33,13 @@ import torch
 import torch.nn as nn
 
 from stagewise import rundir
-from stagewise.data.arithmetic import Problem
-from stagewise.data.packing import eval_rows
-from stagewise.data.preference import load_preference_data
 from stagewise.data.preference_batches import PreferenceSource, eval_batches, padded_batch
 from stagewise.errors import ConfigError, DataError
-from stagewise.eval import evaluate
 from stagewise.model import Transformer
 from stagewise.objectives.base import token_model
-from stagewise.objectives.causal_lm import CausalLM
 from stagewise.objectives.preference import REFERENCE_FREE, build_preference_objective, sequence_logps
 from stagewise.train import stages as plan
+from stagewise.train.carried import earlier_evaluator, own_scores, preference_data, task_scorer
 from stagewise.train.stage import Stage
 
 CACHE_SUBDIR = "reference_logps"
@@ -206,10 +202,7 @@ def dpo_stage(run, index: int, start: int) -> Stage:
     dpo, name = dpo_config(run.cfg, index), plan.stage_name(run.cfg, index)
     B, T = cfg.train.batch_size, cfg.data.seq_len
     where = f"stages[{index}].dpo" if run.cfg.stages else "dpo"
-    key = f"dpo:{name}"
-    if key not in run.chat:
-        run.chat[key] = load_preference_data(dpo, run.tokenizer, T, where, log=lambda m: None)
-    data = run.chat[key]
+    data = preference_data(run, index, T)
     pad = run.tokenizer.eos_id
     source = PreferenceSource(data.train, T, B, cfg.seed, pad, dpo.packing, stage=index, what=f"{where}.data")
     mode = reference_mode(dpo, cfg.adapter.kind)
@@ -231,43 +224,22 @@ def dpo_stage(run, index: int, start: int) -> Stage:
             source.ref = table[:len(data.train)]
             val["batches"] = eval_batches(data.val, T, B, cfg.eval.batches, pad, table, len(data.train))
 
-    lm_eval = run.domain_evaluator(plan.seen_domains(run.cfg, index), [], CausalLM(), cfg) if run.staged \
-        and plan.seen_domains(run.cfg, index) else None
-    sft_evals = _earlier_sft(run, index, T, B, cfg.eval.batches, pad)
-    problems = [Problem(**u.extra["problem"]) for u in data.val if "problem" in u.extra][:dpo.eval_generate]
+    earlier = earlier_evaluator(run, index, cfg)
+    score = task_scorer(run, index, T)
 
     def evaluate_stage(model, precision) -> dict:
         out = preference_eval(model, objective, val["batches"], precision)
         if run.staged:
             out[f"val_loss/{name}"] = out["val_loss"]
-        if lm_eval is not None:
-            out.update({k: v for k, v in lm_eval(model, precision).items() if "/" in k})
-        for sft_name, rows in sft_evals:
-            res = evaluate(model, rows, precision, token_bytes=run.tokenizer.token_bytes)
-            out[f"val_loss/{sft_name}"], out[f"val_bpb/{sft_name}"] = res["loss"], res["bits_per_byte"]
-        if problems:
-            from stagewise.train.sft_kind import exact_match
-
-            out["exact_match"] = exact_match(model, precision, run.tokenizer, data.template, problems,
-                                             dpo.eval_max_new_tokens)
+        if earlier is not None:
+            out.update(earlier(model, precision))
+        if score is not None:
+            out.update(own_scores(score(model, precision), name, run.staged))
         return out
 
     return Stage(**plan.common_fields(run.cfg, index, start, run.run_dir), kind="dpo", cfg=cfg, source=source,
                  objective=objective, evaluate=evaluate_stage, run_dir=run.run_dir, flops_seq_len=T,
                  prepare=prepare, reference_forward=mode in ("copy", "adapters-off"))
-
-
-def _earlier_sft(run, index: int, T: int, B: int, n_batches: int, pad: int) -> list:
-    """(name, validation rows) of every sft stage before `index`: their loss is measured after it."""
-    from stagewise.data.sft_data import load_sft_data
-
-    out = []
-    for j, st in enumerate(run.cfg.stages[:index]):
-        if st.kind == "sft":
-            if st.name not in run.chat:
-                run.chat[st.name] = load_sft_data(st.sft, run.tokenizer, T, f"stages[{j}].sft", log=lambda m: None)
-            out.append((st.name, eval_rows(run.chat[st.name].val, T, B, n_batches, pad)))
-    return out
 
 
 @torch.no_grad()

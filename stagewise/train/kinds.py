@@ -68,9 +68,16 @@ def lm_stage(run: RunData, index: int, start: int) -> Stage:
         samplers = {n: SequenceSampler(run.datasets[n].train, T, 1, _domain_seed(cfg.seed, n)) for n in probs}
         source = MixtureSampler(samplers, probs, B, stage=index, replayed=tuple(n for n in probs if n not in trained))
         seen = plan.seen_domains(run.cfg, index)
+    evaluate = run.domain_evaluator(seen, trained, objective, cfg)
+    from stagewise.train.carried import earlier_evaluator
+
+    if (earlier := earlier_evaluator(run, index, cfg, domains=False)) is not None:  # an lm stage after post-training
+        own = evaluate
+
+        def evaluate(model, precision) -> dict:
+            return {**own(model, precision), **earlier(model, precision)}
     return Stage(**plan.common_fields(run.cfg, index, start, run.run_dir), kind="lm", cfg=cfg, source=source,
-                 objective=objective, evaluate=run.domain_evaluator(seen, trained, objective, cfg),
-                 run_dir=run.run_dir, flops_seq_len=T)
+                 objective=objective, evaluate=evaluate, run_dir=run.run_dir, flops_seq_len=T)
 
 
 def _domain_seed(seed: int, name: str) -> int:

@@ -17,13 +17,10 @@ from __future__ import annotations
 import torch
 
 from stagewise.data.chat import require_template
-from stagewise.eval import evaluate
 from stagewise.generate.engine import generate_batch
 from stagewise.objectives.base import token_model
-from stagewise.objectives.causal_lm import CausalLM
 from stagewise.rl.objective import PolicyGradient
 from stagewise.rl.rollouts import RolloutSource
-from stagewise.rl.tasks import build_task
 from stagewise.train import stages as plan
 from stagewise.train.stage import Stage
 
@@ -98,19 +95,14 @@ def task_scores(model, precision, tokenizer, template, task, problems: list, max
 
 
 def rl_stage(run, index: int, start: int) -> Stage:
-    from stagewise.train.dpo_kind import _earlier_sft, load_reference, reference_dtype
+    from stagewise.train.carried import earlier_evaluator, own_scores, rl_problems, task_scorer
+    from stagewise.train.dpo_kind import load_reference, reference_dtype
 
     cfg = plan.stage_config(run.cfg, index)
     rl = rl_config(run.cfg, index)
     where = f"stages[{index}].rl" if run.cfg.stages else "rl"
-    task = build_task(rl.task, task_options(rl))
     template = require_template(run.tokenizer, f"{where}: the tokenizer")
-    seed = rl.arithmetic.seed if rl.task == "arithmetic" else cfg.seed
-    key = f"rl:{plan.stage_name(run.cfg, index)}"
-    if key not in run.chat:
-        run.chat[key] = (task.problems("train", rl.train_problems, seed),
-                         task.problems("val", rl.eval_problems, seed) if rl.eval_problems else [])
-    train, val = run.chat[key]
+    task, train, _ = rl_problems(run, index)
     mode = reference_mode(rl, cfg.adapter.kind)
     dtype = reference_dtype(rl, cfg.precision.mode, where)
     reference = _Reference(mode) if mode != "none" else None
@@ -123,18 +115,14 @@ def rl_stage(run, index: int, start: int) -> Stage:
         if mode == "copy":
             reference.model = load_reference(base, dtype, device)[0]
 
-    B, T = cfg.train.batch_size, cfg.data.seq_len
-    lm_eval = run.domain_evaluator(plan.seen_domains(run.cfg, index), [], CausalLM(), cfg) if run.staged \
-        and plan.seen_domains(run.cfg, index) else None
-    sft_evals = _earlier_sft(run, index, T, B, cfg.eval.batches, run.tokenizer.eos_id) if run.staged else []
+    earlier = earlier_evaluator(run, index, cfg)
+    score = task_scorer(run, index, cfg.data.seq_len)
+    name = plan.stage_name(run.cfg, index)
 
     def evaluate_stage(model, precision) -> dict:
-        out = task_scores(model, precision, run.tokenizer, template, task, val, rl.max_new_tokens) if val else {}
-        if lm_eval is not None:
-            out.update({k: v for k, v in lm_eval(model, precision).items() if "/" in k})
-        for sft_name, rows in sft_evals:
-            res = evaluate(model, rows, precision, token_bytes=run.tokenizer.token_bytes)
-            out[f"val_loss/{sft_name}"], out[f"val_bpb/{sft_name}"] = res["loss"], res["bits_per_byte"]
+        out = own_scores(score(model, precision), name, run.staged) if score is not None else {}
+        if earlier is not None:
+            out.update(earlier(model, precision))
         return out
 
     return Stage(**plan.common_fields(run.cfg, index, start, run.run_dir), kind="rl", cfg=cfg, source=source,

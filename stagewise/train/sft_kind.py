@@ -1,10 +1,11 @@
 """The `sft` stage kind: chat conversations -> packed (or padded) batches -> the SFT objective.
 
 Its evaluation reports, at every eval step: val_loss / val_bpb on the stage's own validation
-conversations (assistant tokens; also as val_loss/<stage name> for forgetting.json), the
-validation loss of every pre-training domain trained before it (so forgetting is measured
-across the lm -> sft boundary), and for verifiable data (arithmetic) exact_match: the share
-of sft.eval_generate validation problems whose greedy answer the checker accepts.
+conversations (assistant tokens; also as val_loss/<stage name> for forgetting.json), for
+verifiable data (arithmetic) exact_match (also exact_match/<stage name>): the share of
+sft.eval_generate validation problems whose greedy answer the checker accepts, and everything
+earlier stages introduced (pre-training domains, earlier sft data and tasks: train/carried.py),
+so forgetting is measured across every boundary.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ from __future__ import annotations
 import torch
 
 from stagewise import rundir
-from stagewise.data.arithmetic import Problem, check
+from stagewise.data.arithmetic import check
 from stagewise.data.packing import PackedSource, PaddedSource, eval_rows
-from stagewise.data.sft_data import load_sft_data
 from stagewise.eval import evaluate
 from stagewise.generate import generate_batch
 from stagewise.model import Transformer
 from stagewise.objectives import build_objective
 from stagewise.train import stages as plan
+from stagewise.train.carried import earlier_evaluator, own_scores, sft_data, task_scorer
 from stagewise.train.stage import Stage
 
 
@@ -32,30 +33,25 @@ def sft_stage(run, index: int, start: int) -> Stage:
     sft, name = sft_config(run.cfg, index), plan.stage_name(run.cfg, index)
     B, T = cfg.train.batch_size, cfg.data.seq_len
     where = f"stages[{index}].sft" if run.cfg.stages else "sft"
-    if name not in run.chat:
-        run.chat[name] = load_sft_data(sft, run.tokenizer, T, where, log=lambda m: None)
-    data = run.chat[name]
+    data = sft_data(run, index, T)
     pad = run.tokenizer.eos_id
     kind = PackedSource if sft.packing else PaddedSource
     source = kind(data.train, T, B, cfg.seed, pad, stage=index, what=f"{where}.data")
     context = {"reference": _reference(run, cfg, index)} if sft.loss == "asft" else {}
     objective = build_objective("sft", sft, context)
     val = eval_rows(data.val, T, B, cfg.eval.batches, pad)
-    lm_eval = run.domain_evaluator(plan.seen_domains(run.cfg, index), [], objective, cfg) if run.staged \
-        and plan.seen_domains(run.cfg, index) else None
-    problems = [Problem.from_conversation(c.extra | {"messages": c.messages}) for c in data.val_conversations
-                if "problem" in c.extra][:sft.eval_generate]
+    earlier = earlier_evaluator(run, index, cfg)
+    score = task_scorer(run, index, T)
 
     def evaluate_stage(model, precision) -> dict:
         res = evaluate(model, val, precision, token_bytes=run.tokenizer.token_bytes, objective=objective)
         out = {"val_loss": res["loss"], "val_bpb": res["bits_per_byte"]}
         if run.staged:
             out[f"val_loss/{name}"], out[f"val_bpb/{name}"] = out["val_loss"], out["val_bpb"]
-        if lm_eval is not None:
-            out.update({k: v for k, v in lm_eval(model, precision).items() if "/" in k})
-        if problems:
-            out["exact_match"] = exact_match(model, precision, run.tokenizer, data.template, problems,
-                                             sft.eval_max_new_tokens)
+        if earlier is not None:
+            out.update(earlier(model, precision))
+        if score is not None:
+            out.update(own_scores(score(model, precision), name, run.staged))
         return out
 
     return Stage(**plan.common_fields(run.cfg, index, start, run.run_dir), kind="sft", cfg=cfg, source=source,

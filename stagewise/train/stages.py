@@ -38,6 +38,11 @@ def stage_name(cfg: RunConfig, index: int) -> str:
     return cfg.stages[index].name if cfg.stages else cfg.name
 
 
+def stage_section(cfg: RunConfig, index: int, kind: str):
+    """The sft, dpo or rl section stage `index` trains with (a plain recipe's own section)."""
+    return getattr(cfg.stages[index] if cfg.stages else cfg, kind)
+
+
 def domain_sources(cfg: RunConfig) -> dict:
     """name -> SourceConfig of every pre-training domain, in order of first appearance."""
     out = {}
@@ -51,6 +56,36 @@ def forgetting_domains(cfg: RunConfig) -> list[str]:
     """The columns of forgetting.json: every pre-training domain, then every sft and dpo stage's own data
     (a dpo column is its validation preference loss)."""
     return list(domain_sources(cfg)) + [s.name for s in cfg.stages if s.kind in ("sft", "dpo")]
+
+
+def verifiable(cfg: RunConfig, index: int) -> bool:
+    """Whether stage `index` has validation problems a checker scores (exact_match): an rl stage with
+    eval_problems, an sft or dpo stage with built-in arithmetic data and eval_generate."""
+    kind = stage_kind(cfg, index)
+    if kind == "rl":
+        return stage_section(cfg, index, "rl").eval_problems > 0
+    if kind in ("sft", "dpo"):
+        section = stage_section(cfg, index, kind)
+        return section.eval_generate > 0 and any(src.kind == "arithmetic" for src in section.data)
+    return False
+
+
+def forgetting_columns(cfg: RunConfig) -> list[dict]:
+    """The columns of forgetting.json's `table`, in the order stages introduce them: {"key": the metrics.jsonl
+    key, "stage": the index of the stage that introduces it, "higher_is_better"}. Bits per byte of every
+    pre-training domain and of every sft stage's validation conversations; exact_match of every verifiable
+    stage. Every stage from `stage` on evaluates the column (train/carried.py)."""
+    cols, seen = [], set()
+    for i, st in enumerate(cfg.stages):
+        for d in st.mixture:
+            if d.name not in seen:
+                seen.add(d.name)
+                cols.append({"key": f"val_bpb/{d.name}", "stage": i, "higher_is_better": False})
+        if st.kind == "sft":
+            cols.append({"key": f"val_bpb/{st.name}", "stage": i, "higher_is_better": False})
+        if verifiable(cfg, i):
+            cols.append({"key": f"exact_match/{st.name}", "stage": i, "higher_is_better": True})
+    return cols
 
 
 def seen_domains(cfg: RunConfig, index: int) -> list[str]:
@@ -115,6 +150,6 @@ def common_fields(cfg: RunConfig, index: int, start: int, run_dir: Path) -> dict
 
 def write_forgetting(cfg: RunConfig, run_dir: Path, completed: int, domains: list[str]) -> dict:
     report = forgetting_report(rundir.read_metrics(run_dir / rundir.METRICS), [s.name for s in cfg.stages[:completed]],
-                               domains)
+                               domains, forgetting_columns(cfg))
     rundir.write_json(run_dir / FORGETTING, report)
     return report
