@@ -91,6 +91,13 @@ def _add_training_commands(sub, fmt) -> None:
                        "(docs/distributed.md); train.batch_size is then the global micro-batch. " + OVERRIDES_HELP,
                        epilog=_config_epilog())
     r.add_argument("recipe", help="path to a recipe YAML (see recipes/)")
+    r.add_argument("--from-stage", metavar="NAME", default=None,
+                   help="re-run a staged recipe from stage NAME's start in a new run directory, reusing an earlier "
+                   "run's stages before NAME (its metrics, stage exports and the final checkpoint of the stage "
+                   "before NAME); those stages must be unchanged, NAME and later ones may change anything. "
+                   "Unchanged, the result is bitwise the earlier run's")
+    r.add_argument("--reuse", metavar="RUN_DIR", default=None,
+                   help="with --from-stage: the earlier run (default: the newest run directory of the recipe's name)")
 
     s = sub.add_parser("resume", help="continue a stopped or killed run",
                        description="Continue RUN_DIR from its newest complete checkpoint with the config saved "

@@ -31,7 +31,9 @@ def cmd_run(args, extra) -> int:
 
     from stagewise.distributed import WORLD
 
-    start(cfg, log=_log)
+    if args.reuse and not args.from_stage:
+        raise ConfigError("--reuse: only with --from-stage NAME (the stage to re-run from)")
+    start(cfg, log=_log, from_stage=args.from_stage, reuse=args.reuse)
     WORLD.close()  # not after an error: a collective with a lost rank could wait for it
     return 0
 

@@ -296,7 +296,7 @@ class PendingCheckpoint:
             publish_dir(self.tmp, self.target)
             remove_stale_tmp(ckpt_root)
             for old in list_checkpoints(ckpt_root)[:-self.keep_last]:
-                if old != self.target:
+                if old != self.target and not _ends_a_stage(old):
                     shutil.rmtree(old, ignore_errors=True)
         _barrier()
         self.done = True
@@ -305,6 +305,16 @@ class PendingCheckpoint:
 
 # ---------------------------------------------------------------------------------------
 # listing
+
+
+def _ends_a_stage(path: Path) -> bool:
+    """A staged run's final checkpoint of a stage: kept past keep_last, as what `stagewise run --from-stage`
+    re-runs the next stage from (train/from_stage.py)."""
+    try:
+        stage = json.loads((path / STATE_FILE).read_text())["train_state"].get("stage") or {}
+    except (OSError, ValueError, KeyError, AttributeError):
+        return False
+    return bool(stage.get("complete")) and "index" in stage
 
 
 def _is_complete(path: Path) -> bool:

@@ -81,8 +81,9 @@ def join_world(cfg: RunConfig, device, log):
     return world, (log if world.main else _quiet)
 
 
-def start(cfg: RunConfig, log=print) -> Path:
-    """Start a new run; returns the run directory."""
+def start(cfg: RunConfig, log=print, from_stage: str | None = None, reuse: str | None = None) -> Path:
+    """Start a new run; returns the run directory. from_stage: re-run from that stage, reusing the stages
+    before it from an earlier run (`reuse`, default the newest of the recipe's name; train/from_stage.py)."""
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -108,6 +109,11 @@ def start(cfg: RunConfig, log=print) -> Path:
         validate(mcfg, stage.cfg.adapter, stage.cfg.precision.mode)
         check_memory(stage, mcfg, device)
 
+    prior = None
+    if from_stage is not None:
+        from stagewise.train.from_stage import plan_reuse
+
+        prior = plan_reuse(cfg, from_stage, reuse, tokenizer.sha256, dataclasses.asdict(mcfg))
     run.run_dir = run_dir = Path(world.broadcast(str(_write_run_dir(cfg, mcfg, tokenizer, init, paths, device))
                                                  if world.main else None))
     world.barrier()
@@ -115,7 +121,16 @@ def start(cfg: RunConfig, log=print) -> Path:
     log(f"run directory: {run_dir}")
     lock = rundir.RunLock(run_dir) if world.main else None
     try:
-        _drive(run, mcfg, device, None, log)
+        ckpt = None
+        if prior is not None:
+            from stagewise.train.from_stage import copy_prior
+
+            ckpt = world.broadcast(str(copy_prior(prior, cfg, run_dir)) if world.main else None)
+            world.barrier()
+            ckpt = Path(ckpt)
+            log(f"--from-stage {from_stage}: stages {', '.join(s.name for s in cfg.stages[:prior.index])} (steps "
+                f"1..{prior.step}) reused from {prior.run_dir}")
+        _drive(run, mcfg, device, ckpt, log)
     finally:
         if lock is not None:
             lock.release()
