@@ -164,7 +164,7 @@ def fit(stage: Stage, mcfg: ModelConfig, device: torch.device, checkpoint: Path 
     metrics = MetricsLog(stage.run_dir / rundir.METRICS, resume_step=counters.step if checkpoint else 0,
                          sink=trackers) if main else NullMetricsLog()
     steplog = StepLog(stage, metrics, Progress(stage.end(), counters.step, cfg.log.progress if main else "none",
-                                               cfg.log.every), counters, fpt,
+                                               cfg.log.every, label=stage.name if cfg.stages else None), counters, fpt,
                       peak_flops(device, trainee.precision.gemm_dtype) * WORLD.size)
     memory = StageMemory(stage, mcfg, device, first_step=counters.step, main=main, probes=not WORLD.on)
     _loop(stage, trainee, state, steplog, device, log, memory, guard)

@@ -14,10 +14,13 @@ def _fmt_time(seconds: float) -> str:
 
 
 class Progress:
-    """mode: auto (bar on a TTY, else plain), bar, plain or none."""
+    """mode: auto (bar on a TTY, else plain), bar, plain or none. label: the stage's name in a staged run,
+    shown as the bar's description and at the end of each plain line."""
 
-    def __init__(self, total_steps: int, start_step: int, mode: str = "auto", every: int = 10, stream=None):
+    def __init__(self, total_steps: int, start_step: int, mode: str = "auto", every: int = 10, stream=None,
+                 label: str | None = None):
         self.stream = stream or sys.stderr
+        self.label = label
         if mode == "auto":
             mode = "bar" if self.stream.isatty() else "plain"
         self.mode, self.every, self.total = mode, every, total_steps
@@ -27,7 +30,7 @@ class Progress:
         if mode == "bar":
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, file=self.stream, unit="step",
+            self.bar = tqdm(total=total_steps, initial=start_step, file=self.stream, unit="step", desc=label,
                             dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}")
 
     def update(self, step: int, loss: float, tokens_per_s: float, mfu: float, val_loss: float | None = None):
@@ -47,7 +50,8 @@ class Progress:
             eta = elapsed / done * (self.total - step) if done else 0.0
             val = f" | val {val_loss:.4f}" if val_loss is not None else ""
             print(f"step {step}/{self.total} | loss {loss:.4f}{val} | {self.tok_s_avg:,.0f} tok/s | "
-                  f"MFU {100 * mfu:.1f}% | ETA {_fmt_time(eta)}", file=self.stream, flush=True)
+                  f"MFU {100 * mfu:.1f}% | ETA {_fmt_time(eta)}" + (f" | stage {self.label}" if self.label else ""),
+                  file=self.stream, flush=True)
 
     def message(self, text: str) -> None:
         if self.bar is not None:
