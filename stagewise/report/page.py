@@ -235,6 +235,19 @@ def _import_matplotlib():
     return plots
 
 
+def _life_section(run: RunData, out: Path, plots) -> list[str]:
+    """forgetting.json's table across every stage kind: its heatmap and each column's curve over the run."""
+    plots.plot_life_table(run, out / "life_table.png")
+    plots.plot_life_curves(run, out / "life_curves.png")
+    return ["<h2>What each stage forgot</h2>", _figure("life_table.png", "forgetting matrix across all stages",
+             "Every domain and task (columns) measured after each stage (rows), from <code>forgetting.json</code>'s "
+             "table: bits per byte of text domains and SFT data (lower is better), exact-match accuracy of "
+             "verifiable tasks (higher is better). In brackets and in colour: how far the value is worse than the "
+             "column's best so far."),
+             _figure("life_curves.png", "each metric over the whole run",
+                     "Each column of the matrix on every evaluation step; dashed lines mark stage boundaries.")]
+
+
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Write out_dir (default RUN_DIR/report)/index.html and its figures; returns the HTML path."""
     run = load_run(run_dir)
@@ -284,15 +297,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         body.append("<div class=\"note\">No mixture proportions (<code>mix/&lt;domain&gt;</code>) in "
                     "metrics.jsonl.</div>")
     if forgetting and forgetting.table:
-        plots.plot_life_table(run, out / "life_table.png")
-        plots.plot_life_curves(run, out / "life_curves.png")
-        body += ["<h2>What each stage forgot</h2>", _figure("life_table.png", "forgetting matrix across all stages",
-                 "Every domain and task (columns) measured after each stage (rows), from <code>forgetting.json</code>'s "
-                 "table: bits per byte of text domains and SFT data (lower is better), exact-match accuracy of "
-                 "verifiable tasks (higher is better). In brackets and in colour: how far the value is worse than the "
-                 "column's best so far."),
-                 _figure("life_curves.png", "each metric over the whole run",
-                         "Each column of the matrix on every evaluation step; dashed lines mark stage boundaries.")]
+        body += _life_section(run, out, plots)
     if forgetting:
         plots.plot_forgetting(run, out / "forgetting.png")
         body += ["<h2>Forgetting</h2>", _figure("forgetting.png", "forgetting heatmap",
